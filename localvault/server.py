@@ -1,0 +1,251 @@
+"""HTTP machinery: the TLS vault server, the plain-HTTP managed-identity endpoint, and the one place
+that turns exceptions into the service's error JSON."""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import socket
+import ssl
+import threading
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Dict, Optional, Set, Tuple
+from urllib.parse import parse_qsl, urlsplit
+
+from . import urls
+from .exceptions import BadParameter, PayloadTooLarge, Unauthorized, VaultError
+from .models import KeyStore
+from .responses import Request
+from .tokens import TENANT_ID, VAULT_RESOURCE, TokenIssuer
+
+log = logging.getLogger("localvault")
+
+API_VERSIONS = ("7.0", "7.1", "7.2", "7.3", "7.4", "7.5", "7.6", "2025-07-01")
+LATEST_API_VERSION = API_VERSIONS[-1]
+MAX_BODY = 256 * 1024
+IDLE_TIMEOUT = 120.0
+CHALLENGE = (
+    f'Bearer authorization="https://login.microsoftonline.com/{TENANT_ID}", resource="{VAULT_RESOURCE}"'
+)
+MISSING_TOKEN = "AKV10000: Request is missing a Bearer, PoP, or MTLS_POP token."
+INVALID_TOKEN = "The access token is invalid: its signature, audience or expiry could not be verified."
+VAULT_AUDIENCES = (VAULT_RESOURCE, VAULT_RESOURCE + "/")
+SERVICE_HEADERS = {
+    "Cache-Control": "no-cache",
+    "Pragma": "no-cache",
+    "Expires": "-1",
+    "Strict-Transport-Security": "max-age=31536000;includeSubDomains",
+    "X-Content-Type-Options": "nosniff",
+    "x-ms-keyvault-service-version": "1.9.0.0",
+    "x-ms-keyvault-region": "localvault",
+}
+
+
+class _Server(ThreadingHTTPServer):
+    """Threading server that can be stopped with every connection closed and every thread joined."""
+
+    daemon_threads = False
+    block_on_close = True
+    allow_reuse_address = False
+
+    def __init__(self, address: Tuple[str, int], handler: type) -> None:
+        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        self._connections: Set[socket.socket] = set()
+        self._connections_lock = threading.Lock()
+        super().__init__(address, handler)
+
+    def track(self, sock: socket.socket, active: bool) -> None:
+        with self._connections_lock:
+            (self._connections.add if active else self._connections.discard)(sock)
+
+    def close_connections(self) -> None:
+        with self._connections_lock:
+            connections = list(self._connections)
+        for sock in connections:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        self.track(request, True)
+        try:
+            super().finish_request(request, client_address)
+        finally:
+            self.track(request, False)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        log.debug("connection from %s ended with an error", client_address, exc_info=True)
+
+
+class VaultServer(_Server):
+    """HTTPS server for the keys API. The TLS handshake happens in the connection's own thread."""
+
+    def __init__(
+        self, address: Tuple[str, int], context: ssl.SSLContext, store: KeyStore, issuer: TokenIssuer
+    ) -> None:
+        self.context, self.store, self.issuer = context, store, issuer
+        super().__init__(address, VaultHandler)
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        self.track(request, True)
+        try:
+            request.settimeout(IDLE_TIMEOUT)
+            tls = self.context.wrap_socket(request, server_side=True)
+        except (OSError, ssl.SSLError):
+            self.track(request, False)
+            log.debug("TLS handshake with %s failed", client_address, exc_info=True)
+            return
+        self.track(request, False)
+        self.track(tls, True)
+        try:
+            self.RequestHandlerClass(tls, client_address, self)
+        finally:
+            self.track(tls, False)
+            tls.close()
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "localvault"
+    sys_version = ""
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("%s %s", self.address_string(), format % args)
+
+    def send_json(self, status: int, body: Optional[Dict[str, Any]], headers: Dict[str, str]) -> None:
+        payload = b"" if body is None else json.dumps(body, separators=(",", ":")).encode()
+        self.send_response(status)
+        for name, value in headers.items():
+            self.send_header(name, value)
+        if body is not None:
+            self.send_header("Content-Type", "application/json; charset=utf-8")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(payload)
+
+    def read_body(self) -> bytes:
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            self.close_connection = True
+            raise BadParameter("Chunked request bodies are not supported; send a Content-Length.")
+        raw = self.headers.get("Content-Length", "0").strip() or "0"
+        if not raw.isdigit():
+            self.close_connection = True
+            raise BadParameter("The Content-Length header is invalid.")
+        length = int(raw)
+        if length > MAX_BODY:
+            self.close_connection = True
+            raise PayloadTooLarge(f"The request body is larger than {MAX_BODY} bytes.")
+        return self.rfile.read(length)
+
+
+class VaultHandler(_Handler):
+    server: VaultServer
+
+    def handle_one_request(self) -> None:
+        try:
+            super().handle_one_request()
+        except (ConnectionError, socket.timeout, ssl.SSLError):
+            self.close_connection = True
+
+    def _dispatch(self) -> None:
+        headers = dict(SERVICE_HEADERS, **{"x-ms-request-id": str(uuid.uuid4())})
+        try:
+            body = self.read_body()
+            status, payload = self._handle(body, headers)
+        except VaultError as error:
+            status, payload = error.status, error.body()
+        except Exception:  # a bug in localvault; the server keeps serving
+            log.exception("internal error handling %s %s", self.command, self.path)
+            status, payload = 500, {"error": {"code": "InternalError", "message": "localvault internal error"}}
+        self.send_json(status, payload, headers)
+
+    def _handle(self, body: bytes, headers: Dict[str, str]) -> Tuple[int, Optional[Dict[str, Any]]]:
+        self._authenticate(headers)
+        split = urlsplit(self.path)
+        query = dict(parse_qsl(split.query, keep_blank_values=True))
+        api_version = query.get("api-version")
+        if not api_version:
+            raise BadParameter("The 'api-version' query parameter is missing.")
+        if api_version not in API_VERSIONS:
+            raise BadParameter(
+                f"The specified version ({api_version}) is not recognized. "
+                f"Consider using the latest supported version ({LATEST_API_VERSION})."
+            )
+        handler, params = urls.resolve(self.command, split.path)
+        request = Request(self.server.store, self._base_url(), split.path.rstrip("/"), api_version, query, body)
+        return handler(request, **params)
+
+    def _authenticate(self, headers: Dict[str, str]) -> None:
+        scheme, _, token = self.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            headers["WWW-Authenticate"] = CHALLENGE
+            raise Unauthorized(MISSING_TOKEN)
+        if not self.server.issuer.verify(token.strip(), VAULT_AUDIENCES):
+            headers["WWW-Authenticate"] = CHALLENGE
+            raise Unauthorized(INVALID_TOKEN)
+
+    def _base_url(self) -> str:
+        host, port = self.server.server_address[:2]
+        if ":" in host:
+            host = f"[{host}]"
+        sent = self.headers.get("Host", "")
+        # Links follow the address the client used, if it is a plain host[:port].
+        if sent and all(c.isalnum() or c in ".-:[]" for c in sent):
+            return f"https://{sent}" if ":" in sent.rsplit("]", 1)[-1] else f"https://{sent}:{port}"
+        return f"https://{host}:{port}"
+
+    do_GET = do_PUT = do_POST = do_PATCH = do_DELETE = do_HEAD = do_OPTIONS = _dispatch
+
+
+class IdentityServer(_Server):
+    """The App Service managed-identity protocol (api-version 2019-08-01), over plain HTTP on loopback."""
+
+    def __init__(self, address: Tuple[str, int], issuer: TokenIssuer, secret: str) -> None:
+        self.issuer, self.secret = issuer, secret
+        super().__init__(address, IdentityHandler)
+
+
+class IdentityHandler(_Handler):
+    server: IdentityServer
+    path_prefix = "/msi/token"
+
+    def handle_one_request(self) -> None:
+        try:
+            super().handle_one_request()
+        except (ConnectionError, socket.timeout):
+            self.close_connection = True
+
+    def _reply(self, status: int, body: Dict[str, Any]) -> None:
+        self.send_json(status, body, {"Cache-Control": "no-store"})
+
+    def do_GET(self) -> None:
+        split = urlsplit(self.path)
+        query = dict(parse_qsl(split.query))
+        if split.path.rstrip("/") != self.path_prefix:
+            return self._reply(404, {"statusCode": 404, "message": "Not found"})
+        if not hmac.compare_digest(self.headers.get("X-IDENTITY-HEADER", ""), self.server.secret):
+            return self._reply(401, {"statusCode": 401, "message": "The X-IDENTITY-HEADER is missing or wrong."})
+        if query.get("api-version") != "2019-08-01":
+            return self._reply(400, {"statusCode": 400, "message": "api-version must be 2019-08-01."})
+        resource = query.get("resource", "")
+        if not resource:
+            return self._reply(400, {"statusCode": 400, "message": "The 'resource' parameter is required."})
+        token, expires_on = self.server.issuer.issue(resource)
+        self._reply(
+            200,
+            {
+                "access_token": token,
+                "expires_on": str(expires_on),
+                "resource": resource,
+                "token_type": "Bearer",
+                "client_id": self.server.issuer.principal_id,
+            },
+        )
+
+    def do_POST(self) -> None:
+        self.read_body()
+        self._reply(405, {"statusCode": 405, "message": "Use GET."})

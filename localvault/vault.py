@@ -1,0 +1,193 @@
+"""``LocalVault``: the vault server, its identity endpoint, its certificates and its store, as one object."""
+
+from __future__ import annotations
+
+import ipaddress
+import secrets
+import shutil
+import tempfile
+import threading
+from typing import Any, Dict, List, Optional
+
+from . import tls
+from .models import KeyStore
+from .server import IdentityServer, VaultServer
+from .tokens import VAULT_RESOURCE, TokenIssuer
+
+LOOPBACK = "127.0.0.1"
+
+
+def is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+class LocalVault:
+    """An Azure Key Vault (keys) on this machine, for the real SDK and DefaultAzureCredential.
+
+    ``with LocalVault() as vault:`` starts it on 127.0.0.1 with ephemeral ports and returns once
+    both endpoints are listening; leaving the block stops it and joins every thread.
+    """
+
+    def __init__(
+        self,
+        host: str = LOOPBACK,
+        port: int = 0,
+        identity_port: int = 0,
+        retention_days: int = 90,
+    ) -> None:
+        self.host = host
+        self._port, self._identity_port = port, identity_port
+        self.store = KeyStore(retention_days=retention_days)
+        self.issuer = TokenIssuer()
+        self._identity_secret = secrets.token_urlsafe(24)
+        self._dir: Optional[str] = None
+        self._vault_server: Optional[VaultServer] = None
+        self._identity_server: Optional[IdentityServer] = None
+        self._threads: List[threading.Thread] = []
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def start(self) -> LocalVault:
+        """Generate certificates, bind both ports and start serving. Raises OSError if a port is taken."""
+        if self._vault_server is not None:
+            return self
+        self._dir = tempfile.mkdtemp(prefix="localvault-")
+        try:
+            extra = [] if is_loopback(self.host) or self.host in ("0.0.0.0", "::") else [self.host.strip("[]")]
+            files = tls.generate(self._dir, extra_ips=_ip_literals(extra))
+            self.ca_file = files.ca_file
+            self._identity_server = IdentityServer((LOOPBACK, self._identity_port), self.issuer, self._identity_secret)
+            self._vault_server = VaultServer(
+                (self.host.strip("[]"), self._port), tls.server_context(files), self.store, self.issuer
+            )
+        except BaseException:
+            self._close_servers()
+            shutil.rmtree(self._dir, ignore_errors=True)
+            raise
+        for server in (self._identity_server, self._vault_server):
+            thread = threading.Thread(target=server.serve_forever, args=(0.05,), name=f"localvault-{type(server).__name__}")
+            thread.start()
+            self._threads.append(thread)
+        return self
+
+    def stop(self) -> None:
+        """Stop serving, close every connection, join every thread and remove the certificate files."""
+        for server in (self._vault_server, self._identity_server):
+            if server is not None:
+                server.shutdown()
+                server.close_connections()
+        for thread in self._threads:
+            thread.join()
+        self._threads.clear()
+        self._close_servers()
+        if self._dir:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None
+
+    def _close_servers(self) -> None:
+        for server in (self._vault_server, self._identity_server):
+            if server is not None:
+                server.server_close()
+        self._vault_server = self._identity_server = None
+
+    def __enter__(self) -> LocalVault:
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    def reset(self) -> None:
+        """Forget every key, version and deleted key."""
+        self.store.reset()
+
+    # -- what clients need ----------------------------------------------------------------------
+
+    @property
+    def port(self) -> int:
+        assert self._vault_server is not None, "LocalVault is not started"
+        return self._vault_server.server_address[1]
+
+    @property
+    def url(self) -> str:
+        host = self.host if not self.host.startswith("[") and ":" not in self.host else f"[{self.host.strip('[]')}]"
+        if host in ("0.0.0.0", "[::]"):
+            host = LOOPBACK
+        return f"https://{host}:{self.port}"
+
+    @property
+    def identity_endpoint(self) -> str:
+        assert self._identity_server is not None, "LocalVault is not started"
+        return f"http://{LOOPBACK}:{self._identity_server.server_address[1]}/msi/token"
+
+    def environ(self) -> Dict[str, str]:
+        """Variables that make ``DefaultAzureCredential()`` get tokens here, plus the vault URL and CA."""
+        return {
+            "KEY_VAULT_URL": self.url,
+            "IDENTITY_ENDPOINT": self.identity_endpoint,
+            "IDENTITY_HEADER": self._identity_secret,
+            "LOCALVAULT_CA_FILE": self.ca_file,
+        }
+
+    def credential(self) -> LocalVaultCredential:
+        """A token credential served by this vault's identity endpoint, independent of os.environ."""
+        return LocalVaultCredential(self.identity_endpoint, self._identity_secret)
+
+    def key_client(self, credential: Any = None, **kwargs: Any) -> Any:
+        """A ``KeyClient`` for this vault: TLS verified against ``ca_file``, tokens from this vault."""
+        from azure.keyvault.keys import KeyClient
+
+        kwargs.setdefault("verify_challenge_resource", False)
+        kwargs.setdefault("connection_verify", self.ca_file)
+        return KeyClient(self.url, credential or self.credential(), **kwargs)
+
+
+def _ip_literals(hosts: List[str]) -> List[str]:
+    literals = []
+    for host in hosts:
+        try:
+            literals.append(str(ipaddress.ip_address(host)))
+        except ValueError:
+            pass
+    return literals
+
+
+class LocalVaultCredential:
+    """Gets tokens from a localvault identity endpoint with the App Service protocol azure-identity uses.
+
+    ``DefaultAzureCredential`` does the same once ``environ()`` is applied; this one needs no
+    environment, so several vaults can be used side by side in one process.
+    """
+
+    def __init__(self, endpoint: str, secret: str) -> None:
+        self._endpoint, self._secret = endpoint, secret
+
+    def get_token(self, *scopes: str, **_: Any) -> Any:
+        import requests
+        from azure.core.credentials import AccessToken
+        from azure.core.exceptions import ClientAuthenticationError
+
+        resource = scopes[0][: -len("/.default")] if scopes[0].endswith("/.default") else scopes[0]
+        response = requests.get(
+            self._endpoint,
+            params={"api-version": "2019-08-01", "resource": resource or VAULT_RESOURCE},
+            headers={"X-IDENTITY-HEADER": self._secret},
+            timeout=10,
+        )
+        if response.status_code != 200:
+            raise ClientAuthenticationError(f"localvault identity endpoint answered {response.status_code}")
+        payload = response.json()
+        return AccessToken(payload["access_token"], int(payload["expires_on"]))
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> LocalVaultCredential:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        pass
