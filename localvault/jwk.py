@@ -81,7 +81,8 @@ def private_key_from_jwk(jwk: Dict[str, Any], family: str) -> PrivateKey:
         key = ec.derive_private_key(d, CURVES[crv])
         point = key.public_key().public_numbers()
         if (jwk.get("x"), jwk.get("y")) != (None, None) and (
-            _b64_to_int(jwk, "x"), _b64_to_int(jwk, "y")
+            _b64_to_int(jwk, "x"),
+            _b64_to_int(jwk, "y"),
         ) != (point.x, point.y):
             raise BadParameter("The JSON Web Key's public point does not match its private key.")
         return key

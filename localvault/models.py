@@ -23,7 +23,10 @@ MANAGED_HSM_TYPES = {"oct", "oct-HSM"}
 RSA_SIZES = (2048, 3072, 4096)
 RSA_EXPONENTS = (3, 65537)
 KEY_OPS = ("encrypt", "decrypt", "sign", "verify", "wrapKey", "unwrapKey", "import", "export")
-DEFAULT_OPS = {"RSA": ["encrypt", "decrypt", "sign", "verify", "wrapKey", "unwrapKey"], "EC": ["sign", "verify"]}
+DEFAULT_OPS = {
+    "RSA": ["encrypt", "decrypt", "sign", "verify", "wrapKey", "unwrapKey"],
+    "EC": ["sign", "verify"],
+}
 MAX_TAGS = 15
 SECONDS_PER_DAY = 86400
 _BACKUP_MAGIC = b"LVKB1"

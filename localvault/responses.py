@@ -156,7 +156,9 @@ def _page_args(req: Request) -> Tuple[str, int]:
     limit = MAX_RESULTS
     if raw_max is not None:
         if not raw_max.isdigit() or not 1 <= int(raw_max) <= MAX_RESULTS:
-            raise BadParameter(f"Invalid maxresults: {raw_max}. The value must be between 1 and {MAX_RESULTS}.")
+            raise BadParameter(
+                f"Invalid maxresults: {raw_max}. The value must be between 1 and {MAX_RESULTS}."
+            )
         limit = int(raw_max)
     token = req.query.get("$skiptoken")
     if token is None:

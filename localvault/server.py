@@ -3,6 +3,7 @@ that turns exceptions into the service's error JSON."""
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import json
 import logging
@@ -64,10 +65,8 @@ class _Server(ThreadingHTTPServer):
         with self._connections_lock:
             connections = list(self._connections)
         for sock in connections:
-            try:
+            with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
 
     def finish_request(self, request: Any, client_address: Any) -> None:
         self.track(request, True)
@@ -160,7 +159,10 @@ class VaultHandler(_Handler):
             status, payload = error.status, error.body()
         except Exception:  # a bug in localvault; the server keeps serving
             log.exception("internal error handling %s %s", self.command, self.path)
-            status, payload = 500, {"error": {"code": "InternalError", "message": "localvault internal error"}}
+            status, payload = (
+                500,
+                {"error": {"code": "InternalError", "message": "localvault internal error"}},
+            )
         self.send_json(status, payload, headers)
 
     def _handle(self, body: bytes, headers: Dict[str, str]) -> Tuple[int, Optional[Dict[str, Any]]]:
@@ -176,7 +178,9 @@ class VaultHandler(_Handler):
                 f"Consider using the latest supported version ({LATEST_API_VERSION})."
             )
         handler, params = urls.resolve(self.command, split.path)
-        request = Request(self.server.store, self._base_url(), split.path.rstrip("/"), api_version, query, body)
+        request = Request(
+            self.server.store, self._base_url(), split.path.rstrip("/"), api_version, query, body
+        )
         return handler(request, **params)
 
     def _authenticate(self, headers: Dict[str, str]) -> None:
@@ -228,7 +232,9 @@ class IdentityHandler(_Handler):
         if split.path.rstrip("/") != self.path_prefix:
             return self._reply(404, {"statusCode": 404, "message": "Not found"})
         if not hmac.compare_digest(self.headers.get("X-IDENTITY-HEADER", ""), self.server.secret):
-            return self._reply(401, {"statusCode": 401, "message": "The X-IDENTITY-HEADER is missing or wrong."})
+            return self._reply(
+                401, {"statusCode": 401, "message": "The X-IDENTITY-HEADER is missing or wrong."}
+            )
         if query.get("api-version") != "2019-08-01":
             return self._reply(400, {"statusCode": 400, "message": "api-version must be 2019-08-01."})
         resource = query.get("resource", "")

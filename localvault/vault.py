@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import secrets
 import shutil
@@ -40,7 +41,7 @@ class LocalVault:
         identity_port: int = 0,
         retention_days: int = 90,
     ) -> None:
-        self.host = host
+        self.host = host.strip("[]")
         self._port, self._identity_port = port, identity_port
         self.store = KeyStore(retention_days=retention_days)
         self.issuer = TokenIssuer()
@@ -58,19 +59,22 @@ class LocalVault:
             return self
         self._dir = tempfile.mkdtemp(prefix="localvault-")
         try:
-            extra = [] if is_loopback(self.host) or self.host in ("0.0.0.0", "::") else [self.host.strip("[]")]
-            files = tls.generate(self._dir, extra_ips=_ip_literals(extra))
+            files = tls.generate(self._dir, extra_ips=_ip_literals([self.host]))
             self.ca_file = files.ca_file
-            self._identity_server = IdentityServer((LOOPBACK, self._identity_port), self.issuer, self._identity_secret)
+            self._identity_server = IdentityServer(
+                (LOOPBACK, self._identity_port), self.issuer, self._identity_secret
+            )
             self._vault_server = VaultServer(
-                (self.host.strip("[]"), self._port), tls.server_context(files), self.store, self.issuer
+                (self.host, self._port), tls.server_context(files), self.store, self.issuer
             )
         except BaseException:
             self._close_servers()
             shutil.rmtree(self._dir, ignore_errors=True)
             raise
         for server in (self._identity_server, self._vault_server):
-            thread = threading.Thread(target=server.serve_forever, args=(0.05,), name=f"localvault-{type(server).__name__}")
+            thread = threading.Thread(
+                target=server.serve_forever, args=(0.05,), name=f"localvault-{type(server).__name__}"
+            )
             thread.start()
             self._threads.append(thread)
         return self
@@ -114,9 +118,8 @@ class LocalVault:
 
     @property
     def url(self) -> str:
-        host = self.host if not self.host.startswith("[") and ":" not in self.host else f"[{self.host.strip('[]')}]"
-        if host in ("0.0.0.0", "[::]"):
-            host = LOOPBACK
+        host = LOOPBACK if self.host in ("0.0.0.0", "::") else self.host
+        host = f"[{host}]" if ":" in host else host
         return f"https://{host}:{self.port}"
 
     @property
@@ -147,12 +150,13 @@ class LocalVault:
 
 
 def _ip_literals(hosts: List[str]) -> List[str]:
+    """The hosts that are IP addresses the leaf certificate does not already name."""
     literals = []
     for host in hosts:
-        try:
-            literals.append(str(ipaddress.ip_address(host)))
-        except ValueError:
-            pass
+        with contextlib.suppress(ValueError):
+            address = ipaddress.ip_address(host)
+            if not address.is_loopback and not address.is_unspecified:
+                literals.append(str(address))
     return literals
 
 
