@@ -1,0 +1,63 @@
+"""pytest plugin: one localvault per test session, emptied before each test.
+
+Enable it with ``-p localvault.pytest_plugin`` (or ``pytest_plugins = ["localvault.pytest_plugin"]``).
+
+Fixtures:
+- ``localvault``: the running :class:`~localvault.LocalVault`, reset for this test. While the session's
+  vault runs, its ``environ()`` is applied to ``os.environ``, so ``DefaultAzureCredential()`` and code
+  that reads ``KEY_VAULT_URL`` find it.
+- ``key_client``: a ``KeyClient`` for that vault using ``DefaultAzureCredential``.
+- ``unique_key_name``: a key name no other test uses.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import uuid
+from typing import Iterator
+
+import pytest
+
+from .vault import LocalVault
+
+
+@pytest.fixture(scope="session")
+def localvault_session() -> Iterator[LocalVault]:
+    with LocalVault() as vault:
+        variables = vault.environ()
+        saved = {name: os.environ.get(name) for name in variables}
+        os.environ.update(variables)
+        try:
+            yield vault
+        finally:
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
+
+
+@pytest.fixture
+def localvault(localvault_session: LocalVault) -> LocalVault:
+    localvault_session.reset()
+    return localvault_session
+
+
+@pytest.fixture
+def key_client(localvault: LocalVault) -> Iterator[object]:
+    from azure.identity import DefaultAzureCredential
+
+    credential = DefaultAzureCredential()
+    client = localvault.key_client(credential=credential)
+    try:
+        yield client
+    finally:
+        client.close()
+        credential.close()
+
+
+@pytest.fixture
+def unique_key_name(request: pytest.FixtureRequest) -> str:
+    stem = re.sub(r"[^0-9a-zA-Z-]+", "-", request.node.name).strip("-")[:80]
+    return f"{stem}-{uuid.uuid4().hex[:12]}"
