@@ -26,6 +26,7 @@ log = logging.getLogger("localvault")
 API_VERSIONS = ("7.0", "7.1", "7.2", "7.3", "7.4", "7.5", "7.6", "2025-07-01")
 LATEST_API_VERSION = API_VERSIONS[-1]
 MAX_BODY = 256 * 1024
+MAX_DRAIN = 16 * 1024 * 1024
 IDLE_TIMEOUT = 120.0
 CHALLENGE = (
     f'Bearer authorization="https://login.microsoftonline.com/{TENANT_ID}", resource="{VAULT_RESOURCE}"'
@@ -108,6 +109,7 @@ class VaultServer(_Server):
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    default_request_version = "HTTP/1.1"
     server_version = "localvault"
     sys_version = ""
 
@@ -126,6 +128,15 @@ class _Handler(BaseHTTPRequestHandler):
         if self.command != "HEAD":
             self.wfile.write(payload)
 
+    def send_error(self, code: int, message: Optional[str] = None, explain: Optional[str] = None) -> None:
+        """Malformed HTTP, answered in the service's error format instead of the stdlib's HTML page."""
+        self.close_connection = True
+        error = {
+            "code": "BadParameter" if code < 500 else "InternalError",
+            "message": message or "Bad request",
+        }
+        self.send_json(code, {"error": error}, {"Connection": "close"})
+
     def read_body(self) -> bytes:
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
             self.close_connection = True
@@ -136,7 +147,15 @@ class _Handler(BaseHTTPRequestHandler):
             raise BadParameter("The Content-Length header is invalid.")
         length = int(raw)
         if length > MAX_BODY:
-            self.close_connection = True
+            # Read what was sent, so the client sees the 413 rather than a reset connection.
+            if length <= MAX_DRAIN:
+                while length > 0:
+                    chunk = self.rfile.read(min(length, 65536))
+                    if not chunk:
+                        break
+                    length -= len(chunk)
+            else:
+                self.close_connection = True
             raise PayloadTooLarge(f"The request body is larger than {MAX_BODY} bytes.")
         return self.rfile.read(length)
 

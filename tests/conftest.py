@@ -26,6 +26,7 @@ class RawVault:
         params = kwargs.pop("params", {})
         if api_version is not None:
             params = {"api-version": api_version, **params}
+        kwargs.setdefault("verify", self.vault.ca_file)
         return self.session.request(method, self.vault.url + path, params=params, timeout=30, **kwargs)
 
     def close(self) -> None:
