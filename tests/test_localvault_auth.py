@@ -9,7 +9,7 @@ import pytest
 import requests
 from azure.core.credentials import AccessToken
 from azure.core.exceptions import ClientAuthenticationError
-from azure.core.pipeline.policies import SansIOHTTPPolicy
+from azure.core.pipeline.transport import RequestsTransport
 from conftest import error_of
 
 from localvault.tokens import ISSUER, TokenIssuer
@@ -29,13 +29,16 @@ class StaticCredential:
         return AccessToken(self.token, int(time.time()) + 3600)
 
 
-class RecordRequests(SansIOHTTPPolicy):
-    def __init__(self) -> None:
+class RecordingTransport(RequestsTransport):
+    """Records each request as it goes on the wire."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
         self.seen = []
 
-    def on_request(self, request):
-        http = request.http_request
-        self.seen.append((http.method, "Authorization" in http.headers, len(http.body or b"")))
+    def send(self, request, **kwargs):
+        self.seen.append((request.method, "Authorization" in request.headers, len(request.body or b"")))
+        return super().send(request, **kwargs)
 
 
 def _identity_token(localvault, resource="https://vault.azure.net"):
@@ -64,11 +67,15 @@ def test_request_without_token_gets_the_challenge(localvault):
     }
 
 
-def test_sdk_first_request_is_bodiless_and_replayed(localvault, unique_key_name):
-    recorder = RecordRequests()
-    client = localvault.key_client(per_retry_policies=[recorder])
-    client.create_rsa_key(unique_key_name)
-    client.close()
+def test_sdk_first_request_is_bodiless_and_replayed(unique_key_name):
+    from localvault import LocalVault
+
+    # a vault of its own: the SDK caches challenges per vault address for the whole process
+    with LocalVault() as vault:
+        recorder = RecordingTransport(connection_verify=vault.ca_file)
+        client = vault.key_client(transport=recorder)
+        client.create_rsa_key(unique_key_name)
+        client.close()
     # the challenge round: no token, no body; then the replay with both
     assert recorder.seen[0] == ("POST", False, 0)
     assert recorder.seen[1][0:2] == ("POST", True) and recorder.seen[1][2] > 0
