@@ -1,0 +1,122 @@
+"""Starting, stopping, resetting and sharing localvault: threads, sockets, files and concurrency."""
+
+from __future__ import annotations
+
+import os
+import socket
+import stat
+import threading
+
+import pytest
+from azure.core.exceptions import ResourceNotFoundError
+
+from localvault import LocalVault
+
+
+def _localvault_threads():
+    return [t for t in threading.enumerate() if t.name.startswith("localvault-")]
+
+
+def test_start_returns_listening_and_stop_leaves_nothing_behind():
+    before = set(threading.enumerate())
+    vault = LocalVault().start()
+    directory, port = os.path.dirname(vault.ca_file), vault.port
+    # listening as soon as start() returns
+    with socket.create_connection(("127.0.0.1", port), timeout=10):
+        pass
+    client = vault.key_client()
+    client.create_ec_key("lifecycle")
+    client.close()
+    vault.stop()
+    assert set(threading.enumerate()) <= before
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=10).close()
+    assert not os.path.exists(directory)
+
+
+def test_stop_closes_idle_keep_alive_connections():
+    vault = LocalVault().start()
+    client = vault.key_client()
+    client.create_ec_key("keepalive")  # leaves a pooled keep-alive connection open
+    vault.stop()  # must not wait for the client to hang up
+    assert not _localvault_threads()
+    client.close()
+
+
+def test_key_files_are_private_and_ca_is_public():
+    with LocalVault() as vault:
+        directory = os.path.dirname(vault.ca_file)
+        key_mode = stat.S_IMODE(os.stat(os.path.join(directory, "key.pem")).st_mode)
+        assert key_mode & 0o077 == 0
+        assert stat.S_IMODE(os.stat(vault.ca_file).st_mode) & 0o004
+        with open(vault.ca_file) as handle:
+            assert "PRIVATE KEY" not in handle.read()
+
+
+def test_environ_and_url(localvault):
+    env = localvault.environ()
+    assert set(env) == {"KEY_VAULT_URL", "IDENTITY_ENDPOINT", "IDENTITY_HEADER", "LOCALVAULT_CA_FILE"}
+    assert env["KEY_VAULT_URL"] == localvault.url
+    assert localvault.url.startswith("https://127.0.0.1:")
+    assert env["IDENTITY_ENDPOINT"].startswith("http://127.0.0.1:")
+    assert env["LOCALVAULT_CA_FILE"] == localvault.ca_file
+
+
+def test_reset_empties_keys_and_deleted_keys(localvault, key_client, unique_key_name):
+    key_client.create_ec_key(unique_key_name)
+    key_client.create_ec_key(unique_key_name + "-gone")
+    key_client.begin_delete_key(unique_key_name + "-gone").wait()
+    localvault.reset()
+    assert list(key_client.list_properties_of_keys()) == []
+    assert list(key_client.list_deleted_keys()) == []
+    with pytest.raises(ResourceNotFoundError):
+        key_client.get_key(unique_key_name)
+
+
+def test_fixture_resets_between_tests_part_one(key_client):
+    key_client.create_ec_key("left-behind-by-part-one")
+
+
+def test_fixture_resets_between_tests_part_two(key_client):
+    assert "left-behind-by-part-one" not in {p.name for p in key_client.list_properties_of_keys()}
+
+
+def test_eight_threads_create_versions_of_one_key(localvault, unique_key_name):
+    per_thread, threads_count = 5, 8
+    created, errors = [], []
+    lock = threading.Lock()
+    barrier = threading.Barrier(threads_count)
+
+    def work() -> None:
+        client = localvault.key_client()
+        try:
+            barrier.wait()
+            for _ in range(per_thread):
+                version = client.create_ec_key(unique_key_name).properties.version
+                with lock:
+                    created.append(version)
+        except Exception as exc:  # reported below, with the thread's error
+            errors.append(exc)
+        finally:
+            client.close()
+
+    threads = [threading.Thread(target=work) for _ in range(threads_count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    client = localvault.key_client()
+    listed = [p.version for p in client.list_properties_of_key_versions(unique_key_name, max_page_size=7)]
+    client.close()
+    assert len(created) == len(set(created)) == per_thread * threads_count
+    assert sorted(listed) == sorted(created)
+
+
+def test_two_vaults_side_by_side_are_independent(key_client, unique_key_name):
+    with LocalVault() as other:
+        other_client = other.key_client()
+        other_client.create_ec_key(unique_key_name)
+        with pytest.raises(ResourceNotFoundError):
+            key_client.get_key(unique_key_name)
+        other_client.close()
