@@ -92,6 +92,7 @@ class VaultServer(_Server):
     def finish_request(self, request: Any, client_address: Any) -> None:
         self.track(request, True)
         try:
+            request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             request.settimeout(IDLE_TIMEOUT)
             tls = self.context.wrap_socket(request, server_side=True)
         except (OSError, ssl.SSLError):
@@ -110,6 +111,7 @@ class VaultServer(_Server):
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     default_request_version = "HTTP/1.1"
+    wbufsize = 64 * 1024  # headers and body leave in one write, flushed after each request
     server_version = "localvault"
     sys_version = ""
 
