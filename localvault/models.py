@@ -98,6 +98,8 @@ def validate_tags(tags: Optional[Dict[str, str]]) -> Optional[Dict[str, str]]:
 
 
 def _check_kty(kty: Any) -> str:
+    if not isinstance(kty, str):
+        raise BadParameter("The key type (kty) must be a string.")
     if kty in MANAGED_HSM_TYPES:
         raise BadParameter(f"Key type '{kty}' is only supported by Managed HSM, not by a key vault.")
     if kty not in KEY_TYPES:

@@ -206,6 +206,9 @@ def import_key(req: Request, name: str) -> Response:
     body = req.json()
     _no_release_policy(body)
     jwk = _field(body, "key", dict, required=True)
+    _field(jwk, "kty", str, required=True)
+    for member in ("crv", "n", "e", "d", "p", "q", "dp", "dq", "qi", "x", "y", "k", "key_hsm"):
+        _field(jwk, member, str)
     hsm = bool(_field(body, "Hsm", bool))
     key_ops, tags, attributes = _key_ops(jwk), _tags(body), _attributes(body)
     kty, private_key = key_from_jwk(jwk, hsm)

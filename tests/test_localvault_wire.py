@@ -195,6 +195,9 @@ MALFORMED = [
     ("PUT", "/keys/{name}", b'{"key": {"kty": "EC", "crv": "P-256", "d": "AQ", "x": "AQ", "y": "AQ"}}'),
     ("PUT", "/keys/{name}", b'{"key": {"kty": "RSA-HSM", "key_hsm": "AQ"}}'),
     ("PUT", "/keys/{name}", b'{"key": {"kty": "RSA"}, "Hsm": "yes"}'),
+    ("PUT", "/keys/{name}", b'{"key": {"kty": {"Hsm": 1}}}'),
+    ("PUT", "/keys/{name}", b'{"key": {"kty": "EC", "crv": ["P-256"], "d": "AQ"}}'),
+    ("PUT", "/keys/{name}", b'{"key": {"kty": "RSA", "y": [""], "d": "AQ"}}'),
     ("PATCH", "/keys/{name}/", b'{"attributes": {"nbf": "soon"}}'),
     ("POST", "/keys/restore", b'{"value": 12}'),
     ("POST", "/keys/restore", b'{"value": "***"}'),
@@ -258,4 +261,72 @@ def test_plain_http_is_not_served(localvault, raw):
         except ConnectionResetError:
             reply = b""
     assert b"HTTP/1.1 200" not in reply and b"keys" not in reply
+    assert raw.request("GET", "/keys").status_code == 200
+
+
+def _random_value(rng, depth=0):
+    choices = [
+        lambda: None,
+        lambda: rng.choice([True, False]),
+        lambda: rng.randint(-(2**70), 2**70),
+        lambda: rng.random() * 1e6,
+        lambda: rng.choice(["RSA", "EC", "oct", "RSA-HSM", "P-256", "sign", "", "AQAB", "\u0000", "x" * 300]),
+    ]
+    if depth < 3:
+        choices.append(lambda: [_random_value(rng, depth + 1) for _ in range(rng.randint(0, 4))])
+        choices.append(lambda: _random_object(rng, depth + 1))
+    return rng.choice(choices)()
+
+
+FIELDS = [
+    "kty",
+    "key_size",
+    "public_exponent",
+    "crv",
+    "key_ops",
+    "attributes",
+    "tags",
+    "key",
+    "Hsm",
+    "value",
+    "enabled",
+    "nbf",
+    "exp",
+    "n",
+    "e",
+    "d",
+    "p",
+    "q",
+    "x",
+    "y",
+    "release_policy",
+    "exportable",
+]
+
+
+def _random_object(rng, depth=0):
+    return {rng.choice(FIELDS): _random_value(rng, depth) for _ in range(rng.randint(0, 5))}
+
+
+def test_random_bodies_never_crash_the_server(raw, unique_key_name):
+    import random
+
+    rng = random.Random(20261128)  # fixed seed: the same requests every run
+    _create(raw, unique_key_name)
+    targets = [
+        ("POST", f"/keys/{unique_key_name}-new/create"),
+        ("PUT", f"/keys/{unique_key_name}-imp"),
+        ("PATCH", f"/keys/{unique_key_name}/"),
+        ("POST", "/keys/restore"),
+    ]
+    statuses = set()
+    for _ in range(300):
+        method, path = rng.choice(targets)
+        body = _random_object(rng)
+        response = raw.request(method, path, data=json.dumps(body))
+        assert response.status_code < 500, (method, path, body, response.text)
+        if response.status_code >= 400:
+            error_of(response)
+        statuses.add(response.status_code)
+    assert 400 in statuses
     assert raw.request("GET", "/keys").status_code == 200
