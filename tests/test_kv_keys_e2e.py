@@ -1,0 +1,304 @@
+"""End-to-end: `python kv_keys.py` as a subprocess against localvault, checked through the real SDK.
+
+Every vault here is a localvault on 127.0.0.1: the session's (the `localvault` fixture, emptied before each
+test), one that kv_keys.py starts itself, or a standalone `python -m localvault`. The subprocesses get an
+environment without proxies, Azure credentials or KEY_VAULT_* variables, so nothing leaves loopback.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional
+
+import pytest
+from azure.core.exceptions import ResourceNotFoundError
+from azure.keyvault.keys import KeyClient
+
+from localvault import LocalVault
+
+REPO = Path(__file__).resolve().parent.parent
+SCRIPT = str(REPO / "kv_keys.py")
+STRIPPED_PREFIXES = ("KEY_VAULT_", "IDENTITY_", "LOCALVAULT_", "AZURE_", "MSI_", "IMDS_")
+
+
+def clean_env(**extra: str) -> Dict[str, str]:
+    """os.environ without vault, identity, Azure or proxy variables; DefaultAzureCredential kept to dev tools."""
+    env = {
+        name: value
+        for name, value in os.environ.items()
+        if not name.upper().startswith(STRIPPED_PREFIXES) and not name.upper().endswith("_PROXY")
+    }
+    env["AZURE_TOKEN_CREDENTIALS"] = "dev"
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra)
+    return env
+
+
+def kv_keys(
+    *argv: str, env: Dict[str, str], stdin: Optional[str] = None, timeout: float = 120
+) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, SCRIPT, *argv],
+        input=stdin if stdin is not None else "",
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=timeout,
+    )
+
+
+@pytest.fixture
+def vault_env(localvault: LocalVault) -> Dict[str, str]:
+    """The session localvault, as `python -m localvault` users see it: KEY_VAULT_URL and friends."""
+    return clean_env(**localvault.environ())
+
+
+def key_names(key_client) -> List[str]:
+    return sorted(k.name for k in key_client.list_properties_of_keys())
+
+
+def deleted_names(key_client) -> List[str]:
+    return sorted(k.name for k in key_client.list_deleted_keys())
+
+
+def assert_error(result: subprocess.CompletedProcess, code: int) -> List[str]:
+    assert result.returncode == code, (result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert "Traceback" not in result.stderr
+    assert lines[0].startswith("error: ") and lines[1].startswith("hint: "), result.stderr
+    return lines
+
+
+# --------------------------------------------------------------------------------------------------------
+# Where the vault comes from
+# --------------------------------------------------------------------------------------------------------
+
+
+def test_embedded_localvault_when_nothing_is_configured(unique_key_name: str) -> None:
+    result = kv_keys("--name", unique_key_name, env=clean_env())
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    lines = result.stdout.splitlines()
+    assert "localvault" in lines[0] and "nothing leaves this machine" in lines[0]
+    assert any(line.startswith("Creating a key in localvault at https://127.0.0.1:") for line in lines)
+    assert f"Key with name '{unique_key_name}' was found." in lines
+    assert lines.count(" done.") == 2
+    assert any(line.startswith("  recovery id: https://127.0.0.1:") for line in lines)
+
+
+def test_local_flag_wins_over_configured_variables(unique_key_name: str) -> None:
+    # Both variables are set, to values that fail on loopback if used: nothing listens on port 9, and "x" is
+    # not a valid vault name. --local must not even look at them.
+    env = clean_env(KEY_VAULT_URL="https://127.0.0.1:9", KEY_VAULT_NAME="x")
+    result = kv_keys("--local", "--name", unique_key_name, env=env)
+    assert result.returncode == 0, result.stderr
+    assert "nothing leaves this machine" in result.stdout.splitlines()[0]
+    assert "127.0.0.1:9 " not in result.stdout
+
+
+def test_session_vault_through_its_environment(
+    vault_env: Dict[str, str], key_client: KeyClient, unique_key_name: str
+) -> None:
+    result = kv_keys("--name", unique_key_name, env=vault_env)
+    assert result.returncode == 0, result.stderr
+    assert f"Creating a key in {vault_env['KEY_VAULT_URL']} called '{unique_key_name}' ..." in result.stdout
+    assert "nothing leaves" not in result.stdout
+    # deleted for real, and the deletion had finished: the deleted key is listed
+    assert key_names(key_client) == []
+    deleted = key_client.get_deleted_key(unique_key_name)
+    assert deleted.recovery_id.endswith(f"/deletedkeys/{unique_key_name}")
+    assert deleted.key_type == "RSA" and len(deleted.key.n) * 8 == 2048
+    assert f"  recovery id: {deleted.recovery_id}" in result.stdout
+    assert "KeyClient.begin_recover_deleted_key" in result.stdout
+
+
+@pytest.fixture
+def standalone_localvault() -> Iterator[Dict[str, str]]:
+    """`python -m localvault --port 0` in its own process; yields its exported variables; stops it with SIGTERM."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "localvault", "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=clean_env(),
+        cwd=REPO,
+    )
+    watchdog = threading.Timer(60, process.kill)  # if it never prints its exports, fail instead of hanging
+    watchdog.start()
+    exports: Dict[str, str] = {}
+    try:
+        assert process.stdout is not None
+        for line in process.stdout:
+            if line.startswith("export "):
+                name, _, value = line[len("export ") :].strip().partition("=")
+                exports[name] = shlex.split(value)[0]
+            elif not line.startswith("#"):
+                raise AssertionError(f"unexpected line from localvault: {line!r}")
+            if len(exports) == 4:
+                break
+        watchdog.cancel()
+        assert set(exports) == {"KEY_VAULT_URL", "IDENTITY_ENDPOINT", "IDENTITY_HEADER", "LOCALVAULT_CA_FILE"}
+        yield exports
+    finally:
+        watchdog.cancel()
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+        rest, errors = process.communicate(timeout=60)
+    assert process.returncode == 0, errors
+    assert "# localvault stopped." in rest
+
+
+def test_vault_url_option_against_a_standalone_localvault(standalone_localvault: Dict[str, str]) -> None:
+    url = standalone_localvault.pop("KEY_VAULT_URL")
+    env = clean_env(**standalone_localvault)  # no KEY_VAULT_URL: the vault comes from --vault-url
+    result = kv_keys("--vault-url", url, "--name", "standalone-key", "--purge", env=env)
+    assert result.returncode == 0, result.stderr
+    assert f"Creating a key in {url} called 'standalone-key' ..." in result.stdout
+    assert "The name 'standalone-key' can be used again." in result.stdout
+
+
+def test_standalone_ca_is_not_trusted_without_its_variable(standalone_localvault: Dict[str, str]) -> None:
+    # The CA is trusted only through LOCALVAULT_CA_FILE and only for that vault: without it TLS is verified
+    # against the normal trust store, and fails.
+    env = clean_env(**standalone_localvault)
+    del env["LOCALVAULT_CA_FILE"]
+    lines = assert_error(kv_keys("--name", "no-ca-key", env=env), 5)
+    assert "TLS failed" in lines[0]
+    assert "LOCALVAULT_CA_FILE" in lines[1]
+
+
+def test_connection_refused_on_a_free_port(vault_env: Dict[str, str]) -> None:
+    import socket
+
+    with socket.socket() as probe:  # a port that was free a moment ago; nothing listens on it now
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = dict(vault_env, KEY_VAULT_URL=f"https://127.0.0.1:{port}")
+    lines = assert_error(kv_keys("--name", "refused-key", env=env), 5)
+    assert "connection refused" in lines[0]
+
+
+# --------------------------------------------------------------------------------------------------------
+# The key name: piped, end of input, invalid
+# --------------------------------------------------------------------------------------------------------
+
+
+def test_piped_name(vault_env: Dict[str, str], key_client: KeyClient, unique_key_name: str) -> None:
+    result = kv_keys(env=vault_env, stdin=f"{unique_key_name}\n")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("Input a name for your key [quickstart-")
+    assert deleted_names(key_client) == [unique_key_name]
+
+
+def test_end_of_input_creates_nothing(vault_env: Dict[str, str], key_client: KeyClient) -> None:
+    lines = assert_error(kv_keys(env=vault_env, stdin=""), 2)
+    assert "input ended" in lines[0]
+    assert key_names(key_client) == [] and deleted_names(key_client) == []
+
+
+INVALID_NAMES = ["under_score", "with space", "dot.ted", "x" * 128, "slash/key", "ünïcode", "semi;colon"]
+
+
+def test_invalid_names_create_nothing(vault_env: Dict[str, str], key_client: KeyClient) -> None:
+    for name in INVALID_NAMES:
+        for result in (kv_keys("--name", name, env=vault_env), kv_keys(env=vault_env, stdin=name + "\n")):
+            assert "invalid key name" in assert_error(result, 2)[0]
+            assert "Creating" not in result.stdout
+    assert key_names(key_client) == [] and deleted_names(key_client) == []
+
+
+# --------------------------------------------------------------------------------------------------------
+# Never harm what it did not create
+# --------------------------------------------------------------------------------------------------------
+
+
+def test_existing_name_is_refused_and_the_key_is_unchanged(
+    vault_env: Dict[str, str],
+    key_client: KeyClient,
+    unique_key_name: str,
+) -> None:
+    key_client.create_rsa_key(unique_key_name, size=2048)
+    key_client.create_rsa_key(unique_key_name, size=2048)
+    before = sorted(
+        (v.id, v.enabled, v.updated_on) for v in key_client.list_properties_of_key_versions(unique_key_name)
+    )
+
+    lines = assert_error(kv_keys("--name", unique_key_name, env=vault_env), 6)
+    assert "already exists" in lines[0]
+
+    after = sorted(
+        (v.id, v.enabled, v.updated_on) for v in key_client.list_properties_of_key_versions(unique_key_name)
+    )
+    assert after == before and len(after) == 2
+    assert deleted_names(key_client) == []
+
+
+def test_soft_deleted_name_is_explained(
+    vault_env: Dict[str, str], key_client: KeyClient, unique_key_name: str
+) -> None:
+    key_client.create_ec_key(unique_key_name)
+    key_client.begin_delete_key(unique_key_name).wait()
+
+    lines = assert_error(kv_keys("--name", unique_key_name, env=vault_env), 6)
+    assert "deleted key" in lines[0] and "soft-delete" in lines[0]
+    assert f"KeyClient.begin_recover_deleted_key('{unique_key_name}')" in lines[1]
+    assert f"KeyClient.purge_deleted_key('{unique_key_name}')" in lines[1]
+    assert key_names(key_client) == []
+    assert deleted_names(key_client) == [unique_key_name]
+
+
+def test_purge_then_the_same_name_again(
+    vault_env: Dict[str, str], key_client: KeyClient, unique_key_name: str
+) -> None:
+    first = kv_keys("--name", unique_key_name, "--purge", env=vault_env)
+    assert first.returncode == 0, first.stderr
+    with pytest.raises(ResourceNotFoundError):
+        key_client.get_deleted_key(unique_key_name)
+
+    second = kv_keys("--name", unique_key_name, env=vault_env)
+    assert second.returncode == 0, second.stderr
+    assert deleted_names(key_client) == [unique_key_name]
+
+    third = kv_keys("--name", unique_key_name, env=vault_env)  # without --purge the name is now taken
+    assert "deleted key" in assert_error(third, 6)[0]
+
+
+# --------------------------------------------------------------------------------------------------------
+# Options
+# --------------------------------------------------------------------------------------------------------
+
+
+def test_keep_leaves_the_key(vault_env: Dict[str, str], key_client: KeyClient, unique_key_name: str) -> None:
+    result = kv_keys("--name", unique_key_name, "--keep", env=vault_env)
+    assert result.returncode == 0, result.stderr
+    assert "Deleting" not in result.stdout
+    kept = key_client.get_key(unique_key_name)
+    assert kept.properties.enabled
+    assert [v.version for v in key_client.list_properties_of_key_versions(unique_key_name)] == [
+        kept.properties.version
+    ]
+    assert f"same version as created: {kept.properties.version}" in result.stdout
+
+
+def test_ec_key(vault_env: Dict[str, str], key_client: KeyClient, unique_key_name: str) -> None:
+    result = kv_keys("--name", unique_key_name, "--type", "ec", "--curve", "P-384", env=vault_env)
+    assert result.returncode == 0, result.stderr
+    assert "type:       EC, curve P-384" in result.stdout
+    deleted = key_client.get_deleted_key(unique_key_name)
+    assert deleted.key_type == "EC" and deleted.key.crv == "P-384"
+
+
+def test_verbose_logs_http_with_the_token_redacted(vault_env: Dict[str, str], unique_key_name: str) -> None:
+    result = kv_keys("--name", unique_key_name, "--verbose", env=vault_env)
+    assert result.returncode == 0, result.stderr
+    assert "Request URL: 'https://127.0.0.1:" in result.stderr
+    assert "'Authorization': 'REDACTED'" in result.stderr
+    assert "eyJ" not in result.stderr  # no JSON Web Token, from localvault or anywhere
+    assert vault_env["IDENTITY_HEADER"] not in result.stderr

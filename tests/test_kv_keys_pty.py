@@ -1,0 +1,151 @@
+"""The real prompt, through a pseudo-terminal: what a person at a terminal sees and types.
+
+kv_keys.py runs as a subprocess whose stdin, stdout and stderr are a pty (with the pty as its controlling
+terminal, so that Ctrl-C is a real SIGINT from the terminal). The vault is the session's localvault.
+"""
+
+from __future__ import annotations
+
+import os
+import pty
+import re
+import select
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, Iterator
+
+import pytest
+from azure.keyvault.keys import KeyClient
+
+from localvault import LocalVault
+
+pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="pseudo-terminals are POSIX only")
+
+REPO = Path(__file__).resolve().parent.parent
+SCRIPT = str(REPO / "kv_keys.py")
+STRIPPED_PREFIXES = ("KEY_VAULT_", "IDENTITY_", "LOCALVAULT_", "AZURE_", "MSI_", "IMDS_")
+# Make the pty the controlling terminal (the child is a new session leader), then become kv_keys.py.
+LAUNCHER = (
+    "import fcntl, os, sys, termios; fcntl.ioctl(0, termios.TIOCSCTTY, 0); "
+    "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])"
+)
+
+
+class Terminal:
+    """A process on a pseudo-terminal; reads wait on select() with a deadline, never on sleeps."""
+
+    def __init__(self, env: Dict[str, str], *argv: str) -> None:
+        self.master, slave = pty.openpty()
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", LAUNCHER, SCRIPT, *argv],
+            stdin=slave,
+            stdout=slave,
+            stderr=slave,
+            env=env,
+            cwd=REPO,
+            start_new_session=True,
+        )
+        os.close(slave)
+        self.output = b""
+
+    def _read(self, deadline: float) -> bool:
+        """Read what is there; False once the child has closed the terminal."""
+        ready, _, _ = select.select([self.master], [], [], max(0.0, deadline - time.monotonic()))
+        if not ready:
+            raise AssertionError(f"timed out; the terminal shows {self.output!r}")
+        try:
+            chunk = os.read(self.master, 4096)
+        except OSError:  # EIO: every copy of the slave side is closed
+            return False
+        self.output += chunk
+        return bool(chunk)
+
+    def expect(self, pattern: bytes, timeout: float = 60) -> re.Match:
+        deadline = time.monotonic() + timeout
+        while True:
+            match = re.search(pattern, self.output)
+            if match:
+                return match
+            if not self._read(deadline):
+                raise AssertionError(f"{pattern!r} never appeared in {self.output!r}")
+
+    def type(self, data: bytes) -> None:
+        os.write(self.master, data)
+
+    def finish(self, timeout: float = 60) -> int:
+        deadline = time.monotonic() + timeout
+        while self._read(deadline):
+            pass
+        return self.process.wait(timeout=max(1.0, deadline - time.monotonic()))
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        os.close(self.master)
+
+    @property
+    def text(self) -> str:
+        return self.output.decode("utf-8", "replace").replace("\r\n", "\n")
+
+
+@pytest.fixture
+def terminal_env(localvault: LocalVault) -> Dict[str, str]:
+    env = {
+        name: value
+        for name, value in os.environ.items()
+        if not name.upper().startswith(STRIPPED_PREFIXES) and not name.upper().endswith("_PROXY")
+    }
+    env.update(localvault.environ(), AZURE_TOKEN_CREDENTIALS="dev", TERM="xterm")
+    return env
+
+
+@pytest.fixture
+def terminal(terminal_env: Dict[str, str]) -> Iterator[Terminal]:
+    session = Terminal(terminal_env)
+    try:
+        yield session
+    finally:
+        session.close()
+
+
+def test_enter_accepts_the_suggested_name(terminal: Terminal, key_client: KeyClient) -> None:
+    prompt = terminal.expect(rb"Input a name for your key \[(quickstart-[0-9a-zA-Z-]+)\] > ")
+    suggested = prompt.group(1).decode()
+    terminal.type(b"\r")
+    assert terminal.finish() == 0, terminal.text
+    assert f"Creating a key in {key_client.vault_url} called '{suggested}' ..." in terminal.text
+    assert f"Key with name '{suggested}' was found." in terminal.text
+    assert b"\r\x1b[K" in terminal.output  # the terminal branch: the spinner line is cleared
+    assert key_client.get_deleted_key(suggested).name == suggested
+
+
+def test_typed_name_at_the_prompt(terminal: Terminal, key_client: KeyClient, unique_key_name: str) -> None:
+    terminal.expect(rb"Input a name for your key \[quickstart-[0-9a-zA-Z-]+\] > ")
+    terminal.type(unique_key_name.encode() + b"\r")
+    assert terminal.finish() == 0, terminal.text
+    assert unique_key_name in terminal.text  # echoed by the terminal, then used
+    assert f"called '{unique_key_name}'" in terminal.text
+    assert key_client.get_deleted_key(unique_key_name).name == unique_key_name
+
+
+def test_ctrl_c_at_the_prompt(terminal: Terminal, key_client: KeyClient) -> None:
+    terminal.expect(rb"Input a name for your key \[(quickstart-[0-9a-zA-Z-]+)\] > ")
+    # The terminal turns ^C into SIGINT for the foreground process. Python has a window between writing the
+    # prompt and blocking in read() where a SIGINT is only noted, and read() then waits for more input; a
+    # person cannot hit it, a test can. So: ^C, and if no answer comes, ^C again (a real SIGINT each time).
+    for _ in range(5):
+        terminal.type(b"\x03")
+        try:
+            terminal.expect(rb"hint: [^\r\n]*\r\n", timeout=5)
+            break
+        except AssertionError:
+            if terminal.process.poll() is not None:
+                break
+    assert terminal.finish() == 130, terminal.text
+    assert "error: interrupted (Ctrl-C)" in terminal.text
+    assert "hint: nothing was created" in terminal.text
+    assert "Traceback" not in terminal.text
+    assert list(key_client.list_properties_of_keys()) == []
