@@ -113,7 +113,9 @@ class _Handler(BaseHTTPRequestHandler):
     default_request_version = "HTTP/1.1"
     wbufsize = 64 * 1024  # headers and body leave in one write, flushed after each request
     server_version = "localvault"
-    sys_version = ""
+
+    def version_string(self) -> str:
+        return self.server_version
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("%s %s", self.address_string(), format % args)

@@ -16,6 +16,7 @@ from .server import IdentityServer, VaultServer
 from .tokens import VAULT_RESOURCE, TokenIssuer
 
 LOOPBACK = "127.0.0.1"
+POLL_INTERVAL = 0.02  # how quickly stop() is noticed
 
 
 def is_loopback(host: str) -> bool:
@@ -73,7 +74,7 @@ class LocalVault:
             raise
         for server in (self._identity_server, self._vault_server):
             thread = threading.Thread(
-                target=server.serve_forever, args=(0.05,), name=f"localvault-{type(server).__name__}"
+                target=server.serve_forever, args=(POLL_INTERVAL,), name=f"localvault-{type(server).__name__}"
             )
             thread.start()
             self._threads.append(thread)
@@ -81,10 +82,15 @@ class LocalVault:
 
     def stop(self) -> None:
         """Stop serving, close every connection, join every thread and remove the certificate files."""
-        for server in (self._vault_server, self._identity_server):
-            if server is not None:
-                server.shutdown()
-                server.close_connections()
+        servers = [s for s in (self._vault_server, self._identity_server) if s is not None]
+        # shutdown() waits out a poll interval; stop both servers at once
+        stoppers = [threading.Thread(target=server.shutdown) for server in servers]
+        for stopper in stoppers:
+            stopper.start()
+        for stopper in stoppers:
+            stopper.join()
+        for server in servers:
+            server.close_connections()
         for thread in self._threads:
             thread.join()
         self._threads.clear()
