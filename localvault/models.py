@@ -30,6 +30,8 @@ DEFAULT_OPS = {
 MAX_TAGS = 15
 SECONDS_PER_DAY = 86400
 _BACKUP_MAGIC = b"LVKB1"
+# Vaults in one process share a sealing key, as vaults in one Azure geography accept each other's backups.
+_PROCESS_BACKUP_SECRET = AESGCM.generate_key(bit_length=256)
 
 
 @dataclass
@@ -146,7 +148,7 @@ class KeyStore:
         if not 7 <= retention_days <= 90:
             raise ValueError("retention_days must be between 7 and 90")
         self.retention_days = retention_days
-        self._aead = AESGCM(backup_secret or AESGCM.generate_key(bit_length=256))
+        self._aead = AESGCM(backup_secret or _PROCESS_BACKUP_SECRET)
         self._lock = threading.RLock()
         self._keys: Dict[str, KeyRecord] = {}
         self._deleted: Dict[str, DeletedKey] = {}
@@ -208,8 +210,9 @@ class KeyStore:
     # -- writing --------------------------------------------------------------------------------
 
     def check_name_free(self, name: str) -> None:
-        if name.lower() in self._deleted:
-            raise Conflict.deleted_but_recoverable(self._deleted[name.lower()].record.name)
+        deleted = self._deleted.get(name.lower())
+        if deleted is not None:
+            raise Conflict.deleted_but_recoverable(deleted.record.name)
 
     def add_version(
         self,
@@ -224,23 +227,26 @@ class KeyStore:
         tags: Optional[Dict[str, str]] = None,
     ) -> KeyVersion:
         """Store a new version (create or import); the name keeps the case it was first given."""
+        key_ops = validate_key_ops(key_ops)
+        tags = validate_tags(tags)
         now = int(time.time())
         with self._lock:
             self.check_name_free(name)
-            record = self._keys.setdefault(name.lower(), KeyRecord(name=name))
+            record = self._keys.get(name.lower()) or KeyRecord(name=name)
             version = KeyVersion(
                 name=record.name,
                 version=uuid.uuid4().hex,
                 kty=kty,
                 private_key=private_key,
-                key_ops=validate_key_ops(key_ops) or list(DEFAULT_OPS[KEY_TYPES[kty]]),
+                key_ops=list(DEFAULT_OPS[KEY_TYPES[kty]]) if key_ops is None else key_ops,
                 enabled=True if enabled is None else enabled,
                 created=now,
                 updated=now,
                 nbf=nbf,
                 exp=exp,
-                tags=validate_tags(tags),
+                tags=tags,
             )
+            self._keys[name.lower()] = record
             record.versions[version.version] = version
             record.latest = version.version
             return version

@@ -37,7 +37,7 @@ class Request:
         if self._json is None:
             try:
                 self._json = json.loads(self.body.decode("utf-8")) if self.body.strip() else None
-            except (UnicodeDecodeError, ValueError):
+            except (UnicodeDecodeError, ValueError, RecursionError):
                 raise BadParameter("The request body is not valid JSON.") from None
             if not isinstance(self._json, dict):
                 raise BadParameter("The request body must be a JSON object.")
@@ -155,7 +155,7 @@ def _page_args(req: Request) -> Tuple[str, int]:
     raw_max = req.query.get("maxresults")
     limit = MAX_RESULTS
     if raw_max is not None:
-        if not raw_max.isdigit() or not 1 <= int(raw_max) <= MAX_RESULTS:
+        if not (raw_max.isascii() and raw_max.isdigit()) or not 1 <= int(raw_max) <= MAX_RESULTS:
             raise BadParameter(
                 f"Invalid maxresults: {raw_max}. The value must be between 1 and {MAX_RESULTS}."
             )
@@ -165,7 +165,7 @@ def _page_args(req: Request) -> Tuple[str, int]:
         return "", limit
     try:
         marker = json.loads(b64url_decode(token))["NextMarker"]
-    except (VaultError, ValueError, KeyError, TypeError):
+    except (VaultError, ValueError, KeyError, TypeError, RecursionError):
         raise BadParameter("The $skiptoken is invalid.") from None
     if not isinstance(marker, str):
         raise BadParameter("The $skiptoken is invalid.")

@@ -70,6 +70,7 @@ class _Server(ThreadingHTTPServer):
                 sock.shutdown(socket.SHUT_RDWR)
 
     def finish_request(self, request: Any, client_address: Any) -> None:
+        request.settimeout(IDLE_TIMEOUT)
         self.track(request, True)
         try:
             super().finish_request(request, client_address)
@@ -88,21 +89,20 @@ class VaultServer(_Server):
     ) -> None:
         self.context, self.store, self.issuer = context, store, issuer
         super().__init__(address, VaultHandler)
+        host, port = self.server_address[:2]
+        self.base_url = f"https://[{host}]:{port}" if ":" in host else f"https://{host}:{port}"
 
     def finish_request(self, request: Any, client_address: Any) -> None:
-        self.track(request, True)
-        try:
-            request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            request.settimeout(IDLE_TIMEOUT)
-            tls = self.context.wrap_socket(request, server_side=True)
-        except (OSError, ssl.SSLError):
-            self.track(request, False)
-            log.debug("TLS handshake with %s failed", client_address, exc_info=True)
-            return
-        self.track(request, False)
+        request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        request.settimeout(IDLE_TIMEOUT)
+        # Wrap first and shake hands after, so stop() can shut down a connection stuck in the handshake.
+        tls = self.context.wrap_socket(request, server_side=True, do_handshake_on_connect=False)
         self.track(tls, True)
         try:
+            tls.do_handshake()
             self.RequestHandlerClass(tls, client_address, self)
+        except (OSError, ssl.SSLError):
+            log.debug("connection from %s failed", client_address, exc_info=True)
         finally:
             self.track(tls, False)
             tls.close()
@@ -127,7 +127,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header(name, value)
         if body is not None:
             self.send_header("Content-Type", "application/json; charset=utf-8")
-        self.send_header("Content-Length", str(len(payload)))
+        if status != 204:
+            self.send_header("Content-Length", str(len(payload)))
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(payload)
@@ -141,12 +142,27 @@ class _Handler(BaseHTTPRequestHandler):
         }
         self.send_json(code, {"error": error}, {"Connection": "close"})
 
+    def _content_length(self) -> Optional[int]:
+        """The declared body length; None for a chunked or unreadable one."""
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            return None
+        raw = self.headers.get("Content-Length", "0").strip() or "0"
+        return int(raw) if raw.isascii() and raw.isdigit() else None
+
+    def skip_body(self) -> None:
+        """Discard a small body unread by the handler; for anything else, end the connection."""
+        length = self._content_length()
+        if length is None or length > MAX_BODY:
+            self.close_connection = True
+        elif length:
+            self.rfile.read(length)
+
     def read_body(self) -> bytes:
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
             self.close_connection = True
             raise BadParameter("Chunked request bodies are not supported; send a Content-Length.")
         raw = self.headers.get("Content-Length", "0").strip() or "0"
-        if not raw.isdigit():
+        if not (raw.isascii() and raw.isdigit()):
             self.close_connection = True
             raise BadParameter("The Content-Length header is invalid.")
         length = int(raw)
@@ -176,8 +192,8 @@ class VaultHandler(_Handler):
     def _dispatch(self) -> None:
         headers = dict(SERVICE_HEADERS, **{"x-ms-request-id": str(uuid.uuid4())})
         try:
-            body = self.read_body()
-            status, payload = self._handle(body, headers)
+            self._authenticate(headers)
+            status, payload = self._handle(self.read_body())
         except VaultError as error:
             status, payload = error.status, error.body()
         except Exception:  # a bug in localvault; the server keeps serving
@@ -188,8 +204,7 @@ class VaultHandler(_Handler):
             )
         self.send_json(status, payload, headers)
 
-    def _handle(self, body: bytes, headers: Dict[str, str]) -> Tuple[int, Optional[Dict[str, Any]]]:
-        self._authenticate(headers)
+    def _handle(self, body: bytes) -> Tuple[int, Optional[Dict[str, Any]]]:
         split = urlsplit(self.path)
         query = dict(parse_qsl(split.query, keep_blank_values=True))
         api_version = query.get("api-version")
@@ -202,28 +217,21 @@ class VaultHandler(_Handler):
             )
         handler, params = urls.resolve(self.command, split.path)
         request = Request(
-            self.server.store, self._base_url(), split.path.rstrip("/"), api_version, query, body
+            self.server.store, self.server.base_url, split.path.rstrip("/"), api_version, query, body
         )
         return handler(request, **params)
 
     def _authenticate(self, headers: Dict[str, str]) -> None:
         scheme, _, token = self.headers.get("Authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            headers["WWW-Authenticate"] = CHALLENGE
-            raise Unauthorized(MISSING_TOKEN)
-        if not self.server.issuer.verify(token.strip(), VAULT_AUDIENCES):
-            headers["WWW-Authenticate"] = CHALLENGE
-            raise Unauthorized(INVALID_TOKEN)
-
-    def _base_url(self) -> str:
-        host, port = self.server.server_address[:2]
-        if ":" in host:
-            host = f"[{host}]"
-        sent = self.headers.get("Host", "")
-        # Links follow the address the client used, if it is a plain host[:port].
-        if sent and all(c.isalnum() or c in ".-:[]" for c in sent):
-            return f"https://{sent}" if ":" in sent.rsplit("]", 1)[-1] else f"https://{sent}:{port}"
-        return f"https://{host}:{port}"
+        if scheme.lower() == "bearer" and token.strip():
+            if self.server.issuer.verify(token.strip(), VAULT_AUDIENCES):
+                return
+            message = INVALID_TOKEN
+        else:
+            message = MISSING_TOKEN
+        headers["WWW-Authenticate"] = CHALLENGE
+        self.skip_body()
+        raise Unauthorized(message)
 
     do_GET = do_PUT = do_POST = do_PATCH = do_DELETE = do_HEAD = do_OPTIONS = _dispatch
 

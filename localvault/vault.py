@@ -33,6 +33,9 @@ class LocalVault:
 
     ``with LocalVault() as vault:`` starts it on 127.0.0.1 with ephemeral ports and returns once
     both endpoints are listening; leaving the block stops it and joins every thread.
+
+    Backups are sealed with a key shared by the vaults of this process, so a backup restores into any
+    of them; pass ``backup_secret`` (32 bytes) to give a vault a key of its own.
     """
 
     def __init__(
@@ -41,10 +44,11 @@ class LocalVault:
         port: int = 0,
         identity_port: int = 0,
         retention_days: int = 90,
+        backup_secret: Optional[bytes] = None,
     ) -> None:
         self.host = host.strip("[]")
         self._port, self._identity_port = port, identity_port
-        self.store = KeyStore(retention_days=retention_days)
+        self.store = KeyStore(retention_days=retention_days, backup_secret=backup_secret)
         self.issuer = TokenIssuer()
         self._identity_secret = secrets.token_urlsafe(24)
         self._dir: Optional[str] = None
@@ -68,6 +72,7 @@ class LocalVault:
             self._vault_server = VaultServer(
                 (self.host, self._port), tls.server_context(files), self.store, self.issuer
             )
+            self._vault_server.base_url = self.url  # ids and links name the vault, whatever Host says
         except BaseException:
             self._close_servers()
             shutil.rmtree(self._dir, ignore_errors=True)

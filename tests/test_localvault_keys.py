@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import datetime
+import os
 import uuid
 
 import pytest
@@ -357,7 +358,7 @@ def test_restore_rejects_tampered_and_foreign_blobs(key_client, unique_key_name)
             key_client.restore_key_backup(bad)
         assert info.value.status_code == 400 and info.value.error.code == "BadParameter"
 
-    with LocalVault() as other:
+    with LocalVault(backup_secret=os.urandom(32)) as other:
         other_client = other.key_client()
         other_client.create_ec_key("foreign")
         foreign = other_client.backup_key("foreign")
@@ -372,3 +373,32 @@ def test_restore_rejects_tampered_and_foreign_blobs(key_client, unique_key_name)
 def test_backup_missing_key(key_client, unique_key_name):
     with pytest.raises(ResourceNotFoundError):
         key_client.backup_key(unique_key_name)
+
+
+def test_backup_restores_into_another_vault_of_the_process(key_client, unique_key_name):
+    from localvault import LocalVault
+
+    key = key_client.create_rsa_key(unique_key_name)
+    blob = key_client.backup_key(unique_key_name)
+    with LocalVault() as other:
+        other_client = other.key_client()
+        restored = other_client.restore_key_backup(blob)
+        assert restored.key.n == key.key.n
+        assert restored.properties.version == key.properties.version
+        assert restored.id.startswith(other.url)
+        other_client.close()
+
+
+def test_empty_key_ops_are_stored_as_given(key_client, unique_key_name):
+    assert key_client.create_ec_key(unique_key_name, key_operations=[]).key_operations == []
+
+
+def test_rejected_create_leaves_nothing_behind(key_client, unique_key_name):
+    with pytest.raises(HttpResponseError):
+        key_client.create_ec_key(unique_key_name, key_operations=["bogus"])
+    with pytest.raises(HttpResponseError):
+        key_client.create_ec_key(unique_key_name, tags={"t": "x" * 257})
+    with pytest.raises(ResourceNotFoundError):
+        key_client.get_key(unique_key_name)
+    assert unique_key_name not in {p.name for p in key_client.list_properties_of_keys()}
+    assert key_client.create_ec_key(unique_key_name).name == unique_key_name

@@ -40,6 +40,19 @@ def test_stop_closes_idle_keep_alive_connections():
     client.close()
 
 
+@pytest.mark.timeout(60)
+def test_stop_does_not_wait_for_connections_stuck_before_tls():
+    before = set(threading.enumerate())
+    vault = LocalVault().start()
+    plain = socket.create_connection(("127.0.0.1", vault.port), timeout=10)  # never starts TLS
+    identity_port = int(vault.identity_endpoint.split(":")[2].split("/")[0])
+    idle = socket.create_connection(("127.0.0.1", identity_port), timeout=10)  # never sends a request
+    vault.stop()  # would wait out the idle timeout if it could not close them
+    assert set(threading.enumerate()) <= before
+    plain.close()
+    idle.close()
+
+
 def test_key_files_are_private_and_ca_is_public():
     with LocalVault() as vault:
         directory = os.path.dirname(vault.ca_file)

@@ -102,15 +102,20 @@ def test_list_items_carry_tags(raw, unique_key_name):
     assert item["tags"] == {"k": "v"}
 
 
-@pytest.mark.parametrize("maxresults", ["0", "26", "-1", "abc", ""])
+@pytest.mark.parametrize("maxresults", ["0", "26", "-1", "abc", "", "\u00b2", "\u0663"])
 def test_maxresults_out_of_range(raw, maxresults):
     response = raw.request("GET", "/keys", params={"maxresults": maxresults})
     assert response.status_code == 400
     assert error_of(response)["code"] == "BadParameter"
 
 
-def test_bad_skiptoken(raw):
-    response = raw.request("GET", "/keys", params={"$skiptoken": "!!not-a-token"})
+@pytest.mark.parametrize("token", ["!!not-a-token", "W1tbW1tb", "eyJOZXh0TWFya2VyIjogNX0", "WwAAAA" * 600])
+def test_bad_skiptoken(raw, token):
+    import base64
+
+    if token.startswith("WwAAAA"):  # deeply nested JSON
+        token = base64.urlsafe_b64encode(b"[" * 3000).decode().rstrip("=")
+    response = raw.request("GET", "/keys", params={"$skiptoken": token})
     assert response.status_code == 400
     assert error_of(response)["code"] == "BadParameter"
 
@@ -154,6 +159,30 @@ def test_purge_is_204_without_body(raw, unique_key_name):
     assert response.status_code == 204
     assert response.content == b""
     assert "Content-Type" not in response.headers
+    assert "Content-Length" not in response.headers  # RFC 9110: none on a 204
+    assert raw.request("GET", "/keys").status_code == 200  # and the connection stays usable
+
+
+def test_ids_name_the_vault_whatever_the_host_header(raw, unique_key_name):
+    body = raw.request(
+        "POST", f"/keys/{unique_key_name}/create", json={"kty": "EC"}, headers={"Host": "evil.example:1"}
+    ).json()
+    assert body["key"]["kid"].startswith(f"{raw.vault.url}/keys/{unique_key_name}/")
+
+
+def test_unauthenticated_request_gets_the_challenge_before_body_checks(localvault):
+    import requests
+
+    for body in (b"x" * 300_000, b"{not json"):
+        response = requests.post(
+            f"{localvault.url}/keys/k/create",
+            params={"api-version": "7.5"},
+            data=body,
+            verify=localvault.ca_file,
+            timeout=30,
+        )
+        assert response.status_code == 401
+        assert "WWW-Authenticate" in response.headers
 
 
 def test_deleted_key_bundle(raw, unique_key_name):
@@ -202,6 +231,7 @@ MALFORMED = [
     ("POST", "/keys/restore", b'{"value": 12}'),
     ("POST", "/keys/restore", b'{"value": "***"}'),
     ("POST", "/keys/restore", b"{}"),
+    ("POST", "/keys/{name}/create", b"[" * 5000),
     ("GET", "/keys/{name}/%00", b""),
     ("GET", "/keys/%2e%2e/%2e%2e/etc", b""),
     ("GET", "/keys/" + "a" * 5000, b""),
@@ -242,6 +272,7 @@ def _raw_tls(localvault) -> ssl.SSLSocket:
         b"GET /keys HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
         b"GET /keys?api-version=7.5 HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer a.b.c\r\n\r\n",
         b"GET /%ff%fe HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"GET /keys?api-version=7.5 HTTP/1.1\r\nHost: x\r\nContent-Length: \xc2\xb2\r\n\r\n",
     ],
 )
 def test_garbage_on_the_socket(localvault, raw, request_bytes):
