@@ -150,32 +150,25 @@ class _Handler(BaseHTTPRequestHandler):
         return int(raw) if raw.isascii() and raw.isdigit() else None
 
     def skip_body(self) -> None:
-        """Discard a small body unread by the handler; for anything else, end the connection."""
+        """Read and drop the body, so the client sees the answer rather than a reset connection;
+        a body too large or of unknown length ends the connection instead."""
         length = self._content_length()
-        if length is None or length > MAX_BODY:
+        if length is None or length > MAX_DRAIN:
             self.close_connection = True
-        elif length:
-            self.rfile.read(length)
+            return
+        while length > 0:
+            chunk = self.rfile.read(min(length, 65536))
+            if not chunk:
+                break
+            length -= len(chunk)
 
     def read_body(self) -> bytes:
-        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+        length = self._content_length()
+        if length is None:
             self.close_connection = True
-            raise BadParameter("Chunked request bodies are not supported; send a Content-Length.")
-        raw = self.headers.get("Content-Length", "0").strip() or "0"
-        if not (raw.isascii() and raw.isdigit()):
-            self.close_connection = True
-            raise BadParameter("The Content-Length header is invalid.")
-        length = int(raw)
+            raise BadParameter("The request needs a valid Content-Length; chunked bodies are not supported.")
         if length > MAX_BODY:
-            # Read what was sent, so the client sees the 413 rather than a reset connection.
-            if length <= MAX_DRAIN:
-                while length > 0:
-                    chunk = self.rfile.read(min(length, 65536))
-                    if not chunk:
-                        break
-                    length -= len(chunk)
-            else:
-                self.close_connection = True
+            self.skip_body()
             raise PayloadTooLarge(f"The request body is larger than {MAX_BODY} bytes.")
         return self.rfile.read(length)
 
