@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import os
-import shlex
 import signal
 import statistics
 import subprocess
@@ -22,6 +21,9 @@ import time
 from typing import Dict, List, Tuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from localvault.cli import read_exports  # noqa: E402
 
 
 def start_vault() -> Tuple[subprocess.Popen, Dict[str, str]]:
@@ -29,14 +31,8 @@ def start_vault() -> Tuple[subprocess.Popen, Dict[str, str]]:
     process = subprocess.Popen(
         [sys.executable, "-m", "localvault", "--port", "0"], stdout=subprocess.PIPE, text=True, env=env
     )
-    exports: Dict[str, str] = {}
     assert process.stdout is not None
-    for line in process.stdout:
-        if line.startswith("export "):
-            name, _, value = line[len("export ") :].strip().partition("=")
-            exports[name] = shlex.split(value)[0]
-        if line.startswith("# Serving until"):
-            break
+    exports = read_exports(process.stdout)
     return process, exports
 
 

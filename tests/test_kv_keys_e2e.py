@@ -8,7 +8,6 @@ environment without proxies, Azure credentials or KEY_VAULT_* variables, so noth
 from __future__ import annotations
 
 import os
-import shlex
 import signal
 import subprocess
 import sys
@@ -21,6 +20,7 @@ from azure.core.exceptions import ResourceNotFoundError
 from azure.keyvault.keys import KeyClient
 
 from localvault import LocalVault
+from localvault.cli import read_exports
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = str(REPO / "kv_keys.py")
@@ -132,17 +132,9 @@ def standalone_localvault() -> Iterator[Dict[str, str]]:
     )
     watchdog = threading.Timer(60, process.kill)  # if it never prints its exports, fail instead of hanging
     watchdog.start()
-    exports: Dict[str, str] = {}
     try:
         assert process.stdout is not None
-        for line in process.stdout:
-            if line.startswith("export "):
-                name, _, value = line[len("export ") :].strip().partition("=")
-                exports[name] = shlex.split(value)[0]
-            elif not line.startswith("#"):
-                raise AssertionError(f"unexpected line from localvault: {line!r}")
-            if len(exports) == 4:
-                break
+        exports = read_exports(process.stdout)
         watchdog.cancel()
         assert set(exports) == {"KEY_VAULT_URL", "IDENTITY_ENDPOINT", "IDENTITY_HEADER", "LOCALVAULT_CA_FILE"}
         yield exports

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shlex
 import signal
 import socket
 import subprocess
@@ -11,6 +10,8 @@ import sys
 import textwrap
 
 import pytest
+
+from localvault.cli import read_exports
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SDK_PROGRAM = textwrap.dedent(
@@ -53,13 +54,7 @@ def _start(*args: str) -> tuple:
         env=_clean_env(),
         cwd=ROOT,
     )
-    exports = {}
-    for line in process.stdout:
-        if line.startswith("export "):
-            name, _, value = line[len("export ") :].strip().partition("=")
-            exports[name] = shlex.split(value)[0]
-        if line.startswith("# Serving until"):
-            break
+    exports = read_exports(process.stdout)
     return process, exports
 
 
