@@ -6,7 +6,9 @@ Fixtures:
 - ``localvault``: the running :class:`~localvault.LocalVault`, reset for this test. While the session's
   vault runs, its ``environ()`` is applied to ``os.environ``, so ``DefaultAzureCredential()`` and code
   that reads ``KEY_VAULT_URL`` find it.
-- ``key_client``: a ``KeyClient`` for that vault using ``DefaultAzureCredential``.
+- ``key_client``: a ``KeyClient`` for that vault using ``DefaultAzureCredential``, which gets its tokens
+  from the vault's managed-identity endpoint (environment and workload identity are excluded, so a
+  developer's Azure variables cannot send a test to Microsoft Entra ID).
 - ``unique_key_name``: a key name no other test uses.
 """
 
@@ -26,8 +28,10 @@ from .vault import LocalVault
 def localvault_session() -> Iterator[LocalVault]:
     with LocalVault() as vault:
         variables = vault.environ()
-        saved = {name: os.environ.get(name) for name in variables}
+        saved = {name: os.environ.get(name) for name in (*variables, "AZURE_TOKEN_CREDENTIALS")}
         os.environ.update(variables)
+        # A developer's AZURE_TOKEN_CREDENTIALS=dev would skip managed identity, and so this vault.
+        os.environ.pop("AZURE_TOKEN_CREDENTIALS", None)
         try:
             yield vault
         finally:
@@ -48,7 +52,11 @@ def localvault(localvault_session: LocalVault) -> LocalVault:
 def key_client(localvault: LocalVault) -> Iterator[object]:
     from azure.identity import DefaultAzureCredential
 
-    credential = DefaultAzureCredential()
+    # Environment and workload identity come before managed identity in the chain; a developer's
+    # AZURE_CLIENT_SECRET must not send the test to Microsoft Entra ID.
+    credential = DefaultAzureCredential(
+        exclude_environment_credential=True, exclude_workload_identity_credential=True
+    )
     client = localvault.key_client(credential=credential)
     try:
         yield client

@@ -2,12 +2,50 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+import ipaddress
+import socket
+from typing import Any, Iterator, List
 
 import pytest
 import requests
 
 API_VERSION = "2025-07-01"
+
+
+def _is_loopback(host: Any) -> bool:
+    if isinstance(host, bytes):
+        host = host.decode("ascii", "replace")
+    host = str(host).strip("[]").lower()
+    if host in ("localhost", ""):
+        return True
+    try:
+        return ipaddress.ip_address(host.split("%")[0]).is_loopback
+    except ValueError:
+        return False
+
+
+@pytest.fixture(autouse=True)
+def only_loopback(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Fail any test that resolves or connects to anything beyond loopback; the attempt itself is refused."""
+    attempts: List[str] = []
+    real_getaddrinfo, real_connect = socket.getaddrinfo, socket.socket.connect
+
+    def getaddrinfo(host: Any, *args: Any, **kwargs: Any) -> Any:
+        if host is not None and not _is_loopback(host):
+            attempts.append(f"DNS lookup of {host!r}")
+            raise socket.gaierror(socket.EAI_NONAME, f"test guard: {host} is not loopback")
+        return real_getaddrinfo(host, *args, **kwargs)
+
+    def connect(sock: socket.socket, address: Any) -> Any:
+        if sock.family in (socket.AF_INET, socket.AF_INET6) and not _is_loopback(address[0]):
+            attempts.append(f"connection to {address!r}")
+            raise ConnectionRefusedError(f"test guard: {address[0]} is not loopback")
+        return real_connect(sock, address)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    yield
+    assert not attempts, f"the test tried to leave loopback: {attempts}"
 
 
 class RawVault:
