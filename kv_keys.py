@@ -2,7 +2,7 @@
 # /// script
 # requires-python = ">=3.9"
 # dependencies = [
-#     "azure-identity>=1.19.0",
+#     "azure-identity>=1.23.0",
 #     "azure-keyvault-keys>=4.10.0",
 #     # for the embedded localvault, when run from the clone:
 #     "cryptography>=42.0.0",
@@ -20,9 +20,9 @@ Prerequisites:
     * Python 3.9 or later and the packages in requirements.txt (azure-identity, azure-keyvault-keys).
     * Nothing else for a first run: with no vault configured, the script starts localvault in this
       process on 127.0.0.1, and nothing leaves this machine.
-    * For a vault in Azure: the vault, a sign-in (`az login`) and key permissions get, create, delete
-      and purge on the vault (access policy or the RBAC role "Key Vault Crypto Officer"). README.md
-      shows the commands.
+    * For a vault in Azure: the vault, a sign-in (`az login`) and key permissions get, list, create,
+      delete and purge on the vault (access policy or the RBAC role "Key Vault Crypto Officer"). README.md
+      shows the commands. Without list it creates and retrieves the key but does not delete it.
 
 Environment variables (a command-line option wins over its variable):
     KEY_VAULT_URL       full URL of the vault, e.g. https://my-vault.vault.azure.net, a Managed HSM,
@@ -38,7 +38,9 @@ Steps:
        for Azure and ManagedIdentityCredential() (served by localvault) for localvault.
     2. Make sure the name is free: KeyClient.get_key(name) and KeyClient.get_deleted_key(name) must
        both answer "not found" (ResourceNotFoundError).
-    3. Create the key: KeyClient.create_rsa_key(name, size=2048), or KeyClient.create_ec_key(name, curve=...).
+    3. Create the key: KeyClient.create_rsa_key(name, size=2048), or KeyClient.create_ec_key(name, curve=...);
+       then make sure the key has no other version: KeyClient.list_properties_of_key_versions(name) must list
+       just the version created (someone else may have created the name since step 2).
     4. Retrieve it: KeyClient.get_key(name).
     5. Delete it and wait until the deletion has finished: KeyClient.begin_delete_key(name).wait().
     6. With --purge, purge it so that the name can be used again: KeyClient.purge_deleted_key(name).
@@ -53,6 +55,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import importlib.util
 import ipaddress
 import itertools
@@ -65,8 +68,8 @@ import ssl
 import sys
 import threading
 import time
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterator, List, Optional, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Iterator, List, Optional, Sequence, Tuple
 from urllib.parse import urlsplit
 
 if TYPE_CHECKING:  # the Azure SDK is imported only once it is needed, so --help and input errors are fast
@@ -84,19 +87,21 @@ EXIT_INTERRUPTED = 130
 EXIT_CODES_HELP = """\
 exit codes:
   0    success
-  1    unexpected service error
-  2    usage or input error (bad option, invalid name, end of input)
-  3    authentication failed: no credential could get a token (try `az login`)
-  4    permission denied, or purge refused by purge protection
-  5    vault not found or unreachable (DNS, connection, TLS)
-  6    name conflict: a key or a deleted key already has this name
+  1    unexpected service error, or a purge refused while the vault still finishes the deletion
+  2    usage or input error (bad option, invalid name or URL, end of input, a non-local IDENTITY_ENDPOINT
+       for a local vault)
+  3    authentication failed: no credential could get a token (try `az login`, or restart localvault)
+  4    permission denied (also: not permitted to list the key's versions, so not deleted), or purge
+       refused by purge protection
+  5    vault not found or unreachable (DNS, connection, TLS, a missing LOCALVAULT_CA_FILE)
+  6    name conflict: a key or a deleted key already has this name, or the key got another version
   130  interrupted (Ctrl-C)
 """
 
 KEY_NAME_RE = re.compile(r"[0-9a-zA-Z-]{1,127}")
 VAULT_NAME_RE = re.compile(r"[A-Za-z][A-Za-z0-9-]{1,22}[A-Za-z0-9]")
 PROMPT = "Input a name for your key"
-PERMISSIONS = "get create delete purge"
+PERMISSIONS = "get list create delete purge"
 RBAC_ROLE = "Key Vault Crypto Officer"
 ME = '"$(az ad signed-in-user show --query id --output tsv)"'
 
@@ -148,7 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
         "nothing leaves this machine.",
         epilog=EXIT_CODES_HELP
         + "\nvault, in this order: --vault-url or KEY_VAULT_URL; KEY_VAULT_NAME; else the embedded localvault."
-        "\nA key that this script did not create is never changed or deleted.",
+        "\nA key that this script did not create is never deleted; if another writer creates the same name"
+        "\nat the same moment, the version that this run added to it is reported, and left alone.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     where = parser.add_mutually_exclusive_group()
@@ -250,14 +256,20 @@ def choose_vault(args: argparse.Namespace, environ: Any) -> Vault:
     """Pick the vault: --vault-url or KEY_VAULT_URL, then KEY_VAULT_NAME, else the embedded localvault."""
     if args.local:
         return Vault(kind="embedded", source="--local")
+    if args.vault_url is not None and not args.vault_url.strip():
+        raise Failure(
+            EXIT_USAGE,
+            "--vault-url is empty",
+            "give the vault's URL, like https://my-vault.vault.azure.net, or drop --vault-url",
+        )
     url = args.vault_url or environ.get("KEY_VAULT_URL", "").strip()
     if url:
         source = "--vault-url" if args.vault_url else "KEY_VAULT_URL"
         url = check_vault_url(url, source)
         vault = Vault(kind="url", url=url, label=url, source=source)
-        ca_file = environ.get("LOCALVAULT_CA_FILE", "").strip()
-        if ca_file and vault.is_loopback:  # localvault's CA is trusted for a loopback vault only
-            vault.ca_file = ca_file
+        if vault.is_loopback:  # localvault's CA is trusted for a loopback vault only
+            vault.ca_file = check_local_ca_file(environ)
+            check_identity_endpoint(vault, environ)
         return vault
     name = environ.get("KEY_VAULT_NAME", "").strip()
     if name:
@@ -266,6 +278,44 @@ def choose_vault(args: argparse.Namespace, environ: Any) -> Vault:
             kind="azure", url=f"https://{name.lower()}.vault.azure.net", label=name, source="KEY_VAULT_NAME"
         )
     return Vault(kind="embedded", source="no KEY_VAULT_URL or KEY_VAULT_NAME")
+
+
+def check_local_ca_file(environ: Any) -> Optional[str]:
+    """LOCALVAULT_CA_FILE, if set, must name a file: a stopped localvault removes its CA file."""
+    ca_file = environ.get("LOCALVAULT_CA_FILE", "").strip()
+    if not ca_file:
+        return None
+    if not os.path.isfile(ca_file):
+        raise Failure(
+            EXIT_UNREACHABLE,
+            f"cannot set up TLS: LOCALVAULT_CA_FILE names {ca_file}, which is not a file "
+            "(a localvault that has stopped removes its CA file)",
+            "is localvault still running? Each start makes a new CA: run here the latest export lines "
+            "that `python -m localvault` printed",
+        )
+    return ca_file
+
+
+def check_identity_endpoint(vault: Vault, environ: Any) -> None:
+    """A loopback vault gets tokens from IDENTITY_ENDPOINT: it must be on this machine too.
+
+    Otherwise a real managed identity (an Azure VM or App Service) would hand its token to a local port.
+    """
+    endpoint = environ.get("IDENTITY_ENDPOINT", "").strip()
+    if not endpoint:
+        return  # make_client says that the variables are missing
+    try:
+        host = urlsplit(endpoint).hostname or ""
+    except ValueError:
+        host = ""
+    if not is_loopback_host(host):
+        raise Failure(
+            EXIT_USAGE,
+            f"IDENTITY_ENDPOINT is {endpoint}, not on this machine, but the vault {vault.url} is: "
+            "refusing to send a managed-identity token from there to a local port",
+            "run here the export lines that `python -m localvault` prints (IDENTITY_ENDPOINT=http://127.0.0.1:...), "
+            "or unset KEY_VAULT_URL to use the embedded localvault",
+        )
 
 
 def suggest_key_name() -> str:
@@ -326,10 +376,56 @@ def make_client(vault: Vault) -> KeyClient:
             options["connection_verify"] = vault.ca_file
         return RequestsTransport(**options)
 
-    credential = ManagedIdentityCredential(transport=transport())
+    # retry_connect=0: a refused loopback port stays refused; failing at once beats 5 s of retries.
+    credential = LocalTokenSource(ManagedIdentityCredential(transport=transport(), retry_connect=0))
     # The challenge check is off for loopback URLs only: localvault's challenge names the resource
     # https://vault.azure.net, which does not match 127.0.0.1, so the SDK would refuse to send the token.
     return KeyClient(vault.url, credential, verify_challenge_resource=False, transport=transport())
+
+
+class LocalTokenSource:
+    """localvault's ManagedIdentityCredential; a failure to get a token is reported as that, not as the vault's.
+
+    Without this, a refused IDENTITY_ENDPOINT surfaces from the KeyClient as a ServiceRequestError, just like a
+    refused vault, and would be blamed on the vault URL. A Failure is not an AzureError, so the KeyClient does
+    not retry it either.
+    """
+
+    def __init__(self, credential: Any) -> None:
+        self.credential = credential
+
+    def get_token(self, *scopes: str, **kwargs: Any) -> Any:
+        with self._explained():
+            return self.credential.get_token(*scopes, **kwargs)
+
+    def get_token_info(self, *scopes: str, **kwargs: Any) -> Any:
+        with self._explained():
+            return self.credential.get_token_info(*scopes, **kwargs)
+
+    def close(self) -> None:
+        self.credential.close()
+
+    @contextlib.contextmanager
+    def _explained(self) -> Iterator[None]:
+        try:
+            yield
+        except Exception as exc:
+            raise token_failure(exc) from exc
+
+
+def token_failure(exc: BaseException) -> Failure:
+    endpoint = os.environ.get("IDENTITY_ENDPOINT", "IDENTITY_ENDPOINT")
+    causes = list(exception_chain(exc))
+    refused = any(isinstance(e, ConnectionRefusedError) for e in causes) or any(
+        "connection refused" in str(e).lower() for e in causes
+    )
+    why = "connection refused" if refused else first_line(exc)
+    return Failure(
+        EXIT_AUTH,
+        f"no token from localvault's identity endpoint {endpoint} (IDENTITY_ENDPOINT): {why}",
+        "is localvault still running? Each start gets new ports and a new secret: restart `python -m localvault` "
+        "if needed and run here the latest export lines it printed",
+    )
 
 
 def check_name_is_free(client: KeyClient, vault: Vault, name: str) -> Optional[bool]:
@@ -369,26 +465,51 @@ def create_key(client: KeyClient, vault: Vault, name: str, args: argparse.Namesp
         return client.create_rsa_key(name, size=args.size, **options)
     except ResourceExistsError as exc:  # 409: the name belongs to a soft-deleted key
         if "deleted but recoverable" in str(exc):
-            raise soft_deleted_failure(vault, name, None) from None
+            raise soft_deleted_failure(vault, name, None) from exc
         raise
 
 
-def confirm_new_key(client: KeyClient, vault: Vault, name: str, key: KeyVaultKey) -> Optional[bool]:
-    """After a create whose name could not be checked: True if the key has just this one version."""
-    from azure.core.exceptions import HttpResponseError
+def list_versions(client: KeyClient, name: str) -> Optional[List[str]]:
+    """The versions of key name; None if this identity may not list them (403)."""
+    from azure.core.exceptions import HttpResponseError, ResourceNotFoundError
 
     try:
-        versions = [v.version for v in client.list_properties_of_key_versions(name)]
-    except HttpResponseError:
+        return [v.version for v in client.list_properties_of_key_versions(name)]
+    except ResourceNotFoundError:
+        return []
+    except HttpResponseError as exc:
+        if exc.status_code != 403:
+            raise
         return None
-    if len(versions) <= 1:
-        return True
-    version = key.properties.version
-    raise Failure(
+
+
+def ownership(versions: Optional[List[str]], version: str) -> Tuple[Optional[bool], str]:
+    """(owned, doubt): True when the key has just this run's version; False when it has others; else None."""
+    if versions is None:
+        return None, "this identity may not list the key's versions"
+    if not versions:
+        return None, f"the vault does not list the key's versions yet (not even {version})"
+    if versions == [version]:
+        return True, ""
+    return False, ""
+
+
+def foreign_versions_failure(vault: Vault, name: str, version: str, versions: List[str]) -> Failure:
+    """Step 3 found other versions: someone else created or changed the key since the name check."""
+    if version not in versions:
+        return Failure(
+            EXIT_CONFLICT,
+            f"the vault lists version(s) {', '.join(versions)} of '{name}', not the version {version} created "
+            "here: something else is writing to this key; nothing was deleted",
+            "this script leaves the key alone; choose another name",
+        )
+    others = len(versions) - 1
+    return Failure(
         EXIT_CONFLICT,
-        f"a key named '{name}' already existed in {vault.label}: this run added version {version} to it "
-        "and deleted nothing",
-        f"disable that version if you do not want it: {az_command(vault, 'set-attributes', name, version)}",
+        f"a key named '{name}' already existed in {vault.label}, or someone else created it after the name "
+        f"check: it has {others} other version(s). This run added version {version} to it and deleted nothing",
+        f"disable just that version if you do not want it: {az_command(vault, 'set-attributes', name, version)}"
+        " (a single version cannot be deleted)",
     )
 
 
@@ -458,7 +579,14 @@ def purge_key(client: KeyClient, vault: Vault, name: str, purge_date: Any) -> No
                 f"the key '{name}' was deleted but cannot be purged: purge protection is on for {vault.label}",
                 f"it can be recovered until {purge_date or 'its scheduled purge date'}, when the vault purges it; "
                 f"use another name until then ({az_command(vault, 'recover', name)} to get it back)",
-            ) from None
+            ) from exc
+        if exc.status_code == 409:  # Azure: "Key is currently being deleted." (ObjectIsBeingDeleted)
+            raise Failure(
+                EXIT_SERVICE,
+                f"the key '{name}' is deleted, but {vault.label} refused to purge it yet: the deletion is still "
+                f"in progress ({first_line(exc)})",
+                f"purge it in a few seconds: {az_command(vault, 'purge', name)}",
+            ) from exc
         raise
     print(" done.")
     later = (
@@ -488,36 +616,54 @@ def print_deletion(vault: Vault, name: str, deleted: Any, purge: bool) -> None:
 class Progress:
     """What this run has done to the vault, so that a failure can be cleaned up and reported."""
 
-    creating: bool = False  # the create request was sent
-    key: Optional[KeyVaultKey] = None  # the key this run created
-    owned: Optional[bool] = None  # True: the name was free, so the key is this run's to delete
-    delete_requested: bool = False
+    def __init__(self) -> None:
+        self.name_free: Optional[bool] = None  # True: get_key and get_deleted_key answered "not found"
+        self.creating = False  # the create request was sent
+        self.key: Optional[KeyVaultKey] = None  # the key version this run created
+        self.owned: Optional[bool] = None  # True: the key has only that version: this run's to delete
+        self.doubt = ""  # why owned is None
+        self.delete_requested = False  # the vault accepted the delete request
+        self.deleted = False  # ... and the deletion has finished
+        self.purging = False  # the purge request was sent
+        self.keep = False  # --keep: the user wants the key kept, also after a failure
+
+
+@dataclass
+class Outcome:
+    """After a failure, what became of the key: the hint for an interruption, and the lines that tell it."""
+
+    hint: str
+    lines: List[str] = field(default_factory=list)
 
 
 def run_quickstart(client: KeyClient, vault: Vault, name: str, args: argparse.Namespace) -> int:
-    from azure.core.exceptions import ServiceResponseError
-
     progress = Progress()
+    progress.keep = args.keep
     try:
-        progress.owned = check_name_is_free(client, vault, name)
+        progress.name_free = check_name_is_free(client, vault, name)
 
         print(f"Creating a key in {vault.label} called '{name}' ...")
         progress.creating = True
         progress.key = create_key(client, vault, name, args)
         print(" done.")
         describe_key(progress.key)
-        if progress.owned is None:
-            progress.owned = confirm_new_key(client, vault, name, progress.key)
+        version = progress.key.properties.version
+        # The name was free a moment ago, but someone may have created it since: then create added this version
+        # on top of theirs, and deleting "the key" would delete theirs too. Only a key with no other version is ours.
+        versions = list_versions(client, name)
+        progress.owned, progress.doubt = ownership(versions, version)
+        if progress.owned is False:
+            raise foreign_versions_failure(vault, name, version, versions or [])
 
         print(f"Retrieving your key from {vault.label}.")
         retrieved = client.get_key(name)
         print(f"Key with name '{retrieved.name}' was found.")
-        if retrieved.properties.version != progress.key.properties.version:
+        if retrieved.properties.version != version:
             progress.owned = False
             raise Failure(
                 EXIT_CONFLICT,
                 f"the vault returned version {retrieved.properties.version} of '{name}', not the version "
-                f"{progress.key.properties.version} created here: something else is writing to this key",
+                f"{version} created here: something else is writing to this key",
                 "this script leaves the key alone; choose another name",
             )
         print(f"  same version as created: {retrieved.properties.version}")
@@ -532,57 +678,175 @@ def run_quickstart(client: KeyClient, vault: Vault, name: str, args: argparse.Na
         if not progress.owned:
             raise Failure(
                 EXIT_PERMISSION,
-                f"not deleting '{name}': this identity may not look up keys, so it cannot tell whether "
-                "the key existed before this run",
-                permission_hint(vault),
+                f"not deleting '{name}': {progress.doubt}, so this run cannot tell whether the key holds "
+                "versions that it did not create",
+                permission_hint(vault)
+                if versions is None
+                else f"look at the key ({az_command(vault, 'show', name)}) and delete it if it is yours alone: "
+                f"{az_command(vault, 'delete', name)}",
             )
 
         print(f"Deleting your key from {vault.label} ...")
         poller = client.begin_delete_key(name)
         progress.delete_requested = True
         wait_for_deletion(poller)
+        progress.deleted = True
         print(" done.")
         deleted = poller.result()
         print_deletion(vault, name, deleted, args.purge)
 
         if args.purge:
+            progress.purging = True
             purge_key(client, vault, name, getattr(deleted, "scheduled_purge_date", None))
         return EXIT_OK
     except (Exception, KeyboardInterrupt) as exc:
-        code = report_error(exc, vault, args.verbose, created=progress.key is not None)
-        if progress.key is not None:
-            clean_up(client, vault, name, progress)
-        elif progress.creating and isinstance(exc, (KeyboardInterrupt, ServiceResponseError)):
-            # Interrupted, or the connection dropped, while creating: the vault may have created the key.
-            print(
-                f"note: the key '{name}' may have been created; to check: {az_command(vault, 'show', name)}",
-                file=sys.stderr,
-            )
-        return code
+        cleanup = functools.partial(clean_up, client, vault, name, progress, exc)
+        return report_error(exc, vault, args.verbose, cleanup)
 
 
-def clean_up(client: KeyClient, vault: Vault, name: str, progress: Progress) -> None:
-    """After a failure: delete the key this run created, and say what happened to it."""
-    key_id = progress.key.id if progress.key is not None else name
-    if progress.delete_requested:
-        print(f"cleanup: the deletion of '{name}' was requested; the vault completes it.", file=sys.stderr)
-        return
-    if not progress.owned:
-        print(
-            f"cleanup: nothing deleted, since the name '{name}' may hold versions that this run did not create; "
-            f"this run created {key_id}",
-            file=sys.stderr,
+def clean_up(client: KeyClient, vault: Vault, name: str, progress: Progress, exc: BaseException) -> Outcome:
+    """After a failure: delete the key this run created, if it is certainly this run's alone, and say so."""
+    try:
+        return _clean_up(client, vault, name, progress, exc)
+    except KeyboardInterrupt:
+        return Outcome(
+            f"the cleanup was interrupted too: the key '{name}' may be in {vault.label}",
+            [f"cleanup: interrupted; to check: {az_command(vault, 'show', name)}"],
         )
-        return
-    print(f"cleanup: deleting the key '{name}' created by this run ...", file=sys.stderr)
+
+
+def _clean_up(client: KeyClient, vault: Vault, name: str, progress: Progress, exc: BaseException) -> Outcome:
+    from azure.core.exceptions import ServiceResponseError
+
+    if progress.deleted:
+        if progress.purging:
+            return Outcome(
+                "the key that this run created is deleted, but perhaps not purged; to purge it: "
+                + az_command(vault, "purge", name)
+            )
+        return Outcome("the key that this run created is deleted")
+    if progress.delete_requested:
+        return Outcome(
+            "the key that this run created is deleted; the vault finishes the deletion by itself",
+            [f"cleanup: the deletion of '{name}' was requested; the vault completes it."],
+        )
+    if progress.keep and progress.creating:  # no cleanup with --keep: say what may be left
+        where = progress.key.id if progress.key else f"perhaps a key '{name}' (the create was cut off)"
+        return Outcome(
+            f"nothing was deleted (--keep): this run may have left {where} in {vault.label}",
+            [
+                f"cleanup: skipped (--keep): {where} stays in {vault.label}; "
+                f"to delete it: {az_command(vault, 'delete', name)}"
+            ],
+        )
+    if progress.key is None:
+        if progress.creating and isinstance(exc, (KeyboardInterrupt, ServiceResponseError)):
+            return clean_up_cut_off_create(client, vault, name, progress)
+        return Outcome("nothing was created")  # before the create, or the vault answered it with an error
+
+    key_id = progress.key.id
+    if progress.owned is None:  # the failure came before the version check, or the check could not tell
+        try:
+            progress.owned, progress.doubt = ownership(
+                list_versions(client, name), progress.key.properties.version
+            )
+        except Exception as error:
+            progress.doubt = f"listing the key's versions failed ({first_line(error)})"
+    if progress.owned is False:
+        return Outcome(
+            f"nothing was deleted: the key '{name}' holds versions that this run did not create (see below)",
+            [
+                f"cleanup: nothing deleted, since the name '{name}' holds versions that this run did not "
+                f"create; this run created {key_id}"
+            ],
+        )
+    if progress.owned is None:
+        return Outcome(
+            f"nothing was deleted: this run cannot tell whether the key '{name}' holds versions that it did "
+            "not create (see below)",
+            [
+                f"cleanup: nothing deleted, since {progress.doubt}, so the name '{name}' may hold versions "
+                f"that this run did not create; this run created {key_id}",
+                f"cleanup: if the key is yours alone, delete it: {az_command(vault, 'delete', name)}",
+            ],
+        )
+    return delete_own_key(client, vault, name, key_id, "the key that this run created")
+
+
+def clean_up_cut_off_create(client: KeyClient, vault: Vault, name: str, progress: Progress) -> Outcome:
+    """The create request was sent but its answer never came: the vault may have created the key."""
+    from azure.core.exceptions import ResourceNotFoundError
+
+    check = az_command(vault, "show", name)
+
+    def maybe(why: str) -> Outcome:
+        return Outcome(
+            f"the key '{name}' may have been created before the create request was cut off; to check: {check}",
+            [f"cleanup: nothing deleted, since {why}; to check: {check}"],
+        )
+
+    if not progress.name_free:
+        return maybe(
+            "the name could not be checked before the create, so a key by this name may not be this run's"
+        )
+    try:
+        found = client.get_key(name)
+        versions = list_versions(client, name)
+    except ResourceNotFoundError:
+        return Outcome(
+            "nothing was created: the vault has no key by this name",
+            [f"cleanup: {vault.label} has no key '{name}': the cut-off create request created nothing"],
+        )
+    except (Exception, KeyboardInterrupt) as error:
+        return maybe(f"looking the key up failed ({reason(error)})")
+    owned, doubt = ownership(versions, found.properties.version)
+    if not owned:
+        return maybe(
+            doubt or f"the key '{name}' has {len(versions or [])} versions, so it is not this run's alone"
+        )
+    return delete_own_key(client, vault, name, found.id, "the key that the cut-off create request made")
+
+
+def delete_own_key(client: KeyClient, vault: Vault, name: str, key_id: str, subject: str) -> Outcome:
+    """Cleanup's delete. "Not found" means deleted already, e.g. by a delete request that Ctrl-C cut off."""
+    from azure.core.exceptions import ResourceNotFoundError, ServiceResponseError
+
     try:
         client.begin_delete_key(name)
-    except (Exception, KeyboardInterrupt) as exc:
-        reason = "interrupted" if isinstance(exc, KeyboardInterrupt) else first_line(exc)
-        print(f"cleanup failed ({reason}): the key {key_id} is still in {vault.label}", file=sys.stderr)
-        print(f"cleanup: delete it yourself: {az_command(vault, 'delete', name)}", file=sys.stderr)
-    else:
-        print(f"cleanup: done, the key '{name}' created by this run is deleted.", file=sys.stderr)
+    except ResourceNotFoundError:
+        return already_deleted(client, vault, name, subject)
+    except (Exception, KeyboardInterrupt) as error:
+        where = (
+            "may still be in"
+            if isinstance(error, (KeyboardInterrupt, ServiceResponseError))
+            else "is still in"
+        )
+        return Outcome(
+            f"{subject} {where} {vault.label}: delete it yourself (see below)",
+            [
+                f"cleanup failed ({reason(error)}): the key {key_id} {where} {vault.label}",
+                f"cleanup: delete it yourself: {az_command(vault, 'delete', name)}",
+            ],
+        )
+    return Outcome(
+        f"{subject} was deleted (see below)",
+        [f"cleanup: done, the key '{name}' created by this run is deleted."],
+    )
+
+
+def already_deleted(client: KeyClient, vault: Vault, name: str, subject: str) -> Outcome:
+    try:
+        deleted = client.get_deleted_key(name)
+    except (Exception, KeyboardInterrupt):
+        deleted = None
+    line = f"cleanup: nothing left to delete: {vault.label} answered that '{name}' is not there, it was already deleted"
+    if deleted is not None and getattr(deleted, "recovery_id", None):
+        line += f"; it is kept as the deleted key {deleted.recovery_id} until {deleted.scheduled_purge_date}"
+    return Outcome(f"{subject} is deleted: its deletion had gone through (see below)", [line + "."])
+
+
+def reason(error: BaseException) -> str:
+    return "interrupted" if isinstance(error, KeyboardInterrupt) else first_line(error)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -590,19 +854,29 @@ def clean_up(client: KeyClient, vault: Vault, name: str, progress: Progress) -> 
 # ---------------------------------------------------------------------------------------------------------
 
 
-def report_error(exc: BaseException, vault: Optional[Vault], verbose: bool, created: bool = False) -> int:
-    if verbose and not isinstance(exc, Failure):
+def report_error(
+    exc: BaseException,
+    vault: Optional[Vault],
+    verbose: bool,
+    settle: Optional[Callable[[], Outcome]] = None,
+) -> int:
+    """Print `error:`, run the cleanup (settle) if any, then `hint:` (after Ctrl-C: what the cleanup found or
+    did, so that the hint never contradicts it) and the cleanup's lines."""
+    if verbose and (not isinstance(exc, Failure) or exc.__cause__ is not None):
         import traceback
 
-        traceback.print_exception(type(exc), exc, exc.__traceback__)
+        traceback.print_exception(type(exc), exc, exc.__traceback__)  # a Failure's SDK error comes first
     if isinstance(exc, KeyboardInterrupt):
         print(file=sys.stderr)
-        hint = "the key created by this run is deleted now (see below)" if created else "nothing was created"
-        failure = Failure(EXIT_INTERRUPTED, "interrupted (Ctrl-C)", hint)
+        failure = Failure(EXIT_INTERRUPTED, "interrupted (Ctrl-C)", "nothing was created")
     else:
         failure = exc if isinstance(exc, Failure) else explain(exc, vault)
-    print(f"error: {failure.message}", file=sys.stderr)
-    print(f"hint: {failure.hint}", file=sys.stderr)
+    print(f"error: {failure.message}", file=sys.stderr, flush=True)
+    outcome = settle() if settle is not None else Outcome(failure.hint)
+    hint = outcome.hint if isinstance(exc, KeyboardInterrupt) else failure.hint
+    print(f"hint: {hint}", file=sys.stderr)
+    for line in outcome.lines:
+        print(line, file=sys.stderr)
     return failure.code
 
 

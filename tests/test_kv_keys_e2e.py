@@ -70,9 +70,15 @@ def deleted_names(key_client) -> List[str]:
 
 def assert_error(result: subprocess.CompletedProcess, code: int) -> List[str]:
     assert result.returncode == code, (result.stdout, result.stderr)
-    lines = result.stderr.strip().splitlines()
-    assert "Traceback" not in result.stderr
-    assert lines[0].startswith("error: ") and lines[1].startswith("hint: "), result.stderr
+    return error_lines(result.stderr)
+
+
+def error_lines(stderr: str) -> List[str]:
+    """`error: ...`, `hint: ...`, then only cleanup lines; no traceback."""
+    lines = stderr.strip().splitlines()
+    assert "Traceback" not in stderr
+    assert lines[0].startswith("error: ") and lines[1].startswith("hint: "), stderr
+    assert not any(line.startswith(("error:", "hint:")) for line in lines[2:]), stderr
     return lines
 
 
@@ -294,3 +300,182 @@ def test_verbose_logs_http_with_the_token_redacted(vault_env: Dict[str, str], un
     assert "'Authorization': 'REDACTED'" in result.stderr
     assert "eyJ" not in result.stderr  # no JSON Web Token, from localvault or anywhere
     assert vault_env["IDENTITY_HEADER"] not in result.stderr
+
+
+# --------------------------------------------------------------------------------------------------------
+# Failures that must be blamed on the right thing
+# --------------------------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    """A port that was free a moment ago; nothing listens on it now."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_refused_identity_endpoint_is_an_auth_error_not_the_vaults(
+    vault_env: Dict[str, str], key_client: KeyClient
+) -> None:
+    # The vault runs; only the token endpoint is gone (e.g. variables from an older localvault run).
+    endpoint = f"http://127.0.0.1:{free_port()}/msi/token"
+    result = kv_keys("--name", "no-token-key", env=dict(vault_env, IDENTITY_ENDPOINT=endpoint))
+    lines = assert_error(result, 3)
+    assert lines[0] == (
+        f"error: no token from localvault's identity endpoint {endpoint} (IDENTITY_ENDPOINT): connection refused"
+    )
+    assert "restart `python -m localvault`" in lines[1] and "latest export lines" in lines[1]
+    assert vault_env["KEY_VAULT_URL"] not in result.stderr  # the vault is not blamed
+    assert "Creating" not in result.stdout  # it failed at the name check, before any create
+    assert key_names(key_client) == [] and deleted_names(key_client) == []
+
+
+def test_wrong_identity_header_is_an_auth_error(vault_env: Dict[str, str], key_client: KeyClient) -> None:
+    result = kv_keys("--name", "wrong-header-key", env=dict(vault_env, IDENTITY_HEADER="not-the-secret"))
+    lines = assert_error(result, 3)
+    assert lines[0].startswith(
+        f"error: no token from localvault's identity endpoint {vault_env['IDENTITY_ENDPOINT']} (IDENTITY_ENDPOINT): "
+    )
+    assert "X-IDENTITY-HEADER" in lines[0]  # localvault's reason, as its endpoint gave it
+    assert "latest export lines" in lines[1]
+    assert vault_env["IDENTITY_HEADER"] not in result.stderr and "not-the-secret" not in result.stderr
+    assert key_names(key_client) == []
+
+
+def test_stale_ca_file_of_a_stopped_localvault(vault_env: Dict[str, str], tmp_path: Path) -> None:
+    env = dict(vault_env, LOCALVAULT_CA_FILE=str(tmp_path / "localvault-stopped" / "ca.pem"))
+    lines = assert_error(kv_keys("--name", "stale-ca-key", env=env), 5)
+    assert "LOCALVAULT_CA_FILE" in lines[0] and "not a file" in lines[0]
+    assert "latest export lines" in lines[1]
+
+
+# --------------------------------------------------------------------------------------------------------
+# Races and interruptions, in process against the session vault: the real SDK, with one call intercepted
+# --------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def in_process(localvault: LocalVault, monkeypatch: pytest.MonkeyPatch) -> LocalVault:
+    """kv_keys.main() in this process, configured like a user of `python -m localvault` (KEY_VAULT_URL ...)."""
+    for name in list(os.environ):
+        if name.upper().startswith(STRIPPED_PREFIXES):
+            monkeypatch.delenv(name)
+    for name, value in localvault.environ().items():
+        monkeypatch.setenv(name, value)
+    return localvault
+
+
+def intercept(monkeypatch: pytest.MonkeyPatch, method: str, before_answer) -> List[str]:
+    """Make kv_keys's KeyClient run before_answer(client, name) after its first `method` call reached the vault."""
+    import kv_keys
+
+    calls: List[str] = []
+    real_make_client = kv_keys.make_client
+
+    def make_client(vault):
+        client = real_make_client(vault)
+        real = getattr(client, method)
+
+        def call(name, *args, **kwargs):
+            calls.append(name)
+            result = real(name, *args, **kwargs)
+            if len(calls) == 1:
+                before_answer(client, name)
+            return result
+
+        setattr(client, method, call)
+        return client
+
+    monkeypatch.setattr(kv_keys, "make_client", make_client)
+    return calls
+
+
+def test_key_created_by_someone_else_after_the_name_check_is_never_deleted(
+    in_process: LocalVault,
+    key_client: KeyClient,
+    unique_key_name: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import kv_keys
+
+    theirs = []
+    real_check = kv_keys.check_name_is_free
+
+    def check_then_another_writer_creates(client, vault, name):
+        free = real_check(client, vault, name)
+        theirs.append(key_client.create_ec_key(name))  # another writer, between the check and the create
+        return free
+
+    monkeypatch.setattr(kv_keys, "check_name_is_free", check_then_another_writer_creates)
+    code = kv_keys.main(["--name", unique_key_name])
+    _, err = capsys.readouterr()
+
+    assert code == 6, err
+    versions = {v.version: v for v in key_client.list_properties_of_key_versions(unique_key_name)}
+    their_version = theirs[0].properties.version
+    [our_version] = set(versions) - {their_version}
+    assert versions[their_version].enabled and versions[our_version].enabled  # nothing deleted or disabled
+    assert key_client.get_key(unique_key_name, their_version).key_type == "EC"
+    assert deleted_names(key_client) == []
+    lines = error_lines(err)
+    assert f"This run added version {our_version} to it and deleted nothing" in lines[0]
+    assert f"KeyClient.update_key_properties('{unique_key_name}', '{our_version}', enabled=False)" in lines[1]
+    assert lines[2].startswith("cleanup: nothing deleted")
+
+
+def test_ctrl_c_while_the_delete_request_is_in_flight(
+    in_process: LocalVault,
+    key_client: KeyClient,
+    unique_key_name: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import kv_keys
+
+    def ctrl_c(client, name):
+        raise KeyboardInterrupt  # the vault has deleted the key; the answer is never handled
+
+    calls = intercept(monkeypatch, "begin_delete_key", ctrl_c)
+    code = kv_keys.main(["--name", unique_key_name])
+    _, err = capsys.readouterr()
+
+    assert code == 130, err
+    assert calls == [unique_key_name, unique_key_name]  # the cleanup tried once more, and got "not found"
+    deleted = key_client.get_deleted_key(unique_key_name)
+    assert key_names(key_client) == []
+    lines = error_lines(err)
+    assert lines[:2] == [
+        "error: interrupted (Ctrl-C)",
+        "hint: the key that this run created is deleted: its deletion had gone through (see below)",
+    ]
+    assert lines[2].startswith("cleanup: nothing left to delete: ")
+    assert f"it is kept as the deleted key {deleted.recovery_id} until " in lines[2]
+    assert "cleanup failed" not in err and "still in" not in err
+
+
+def test_ctrl_c_while_the_create_request_is_in_flight(
+    in_process: LocalVault,
+    key_client: KeyClient,
+    unique_key_name: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import kv_keys
+
+    def ctrl_c(client, name):
+        raise KeyboardInterrupt  # the vault has created the key; the answer is never handled
+
+    intercept(monkeypatch, "create_rsa_key", ctrl_c)
+    code = kv_keys.main(["--name", unique_key_name])
+    _, err = capsys.readouterr()
+
+    assert code == 130, err
+    assert key_names(key_client) == [] and deleted_names(key_client) == [unique_key_name]
+    lines = error_lines(err)
+    assert lines[1:] == [
+        "hint: the key that the cut-off create request made was deleted (see below)",
+        f"cleanup: done, the key '{unique_key_name}' created by this run is deleted.",
+    ]

@@ -132,20 +132,18 @@ def test_typed_name_at_the_prompt(terminal: Terminal, key_client: KeyClient, uni
 
 
 def test_ctrl_c_at_the_prompt(terminal: Terminal, key_client: KeyClient) -> None:
+    # The whole prompt has been read from the terminal, so kv_keys.py has written it and is inside input().
     terminal.expect(rb"Input a name for your key \[(quickstart-[0-9a-zA-Z-]+)\] > ")
-    # The terminal turns ^C into SIGINT for the foreground process. Python has a window between writing the
-    # prompt and blocking in read() where a SIGINT is only noted, and read() then waits for more input; a
-    # person cannot hit it, a test can. So: ^C, and if no answer comes, ^C again (a real SIGINT each time).
-    for _ in range(5):
-        terminal.type(b"\x03")
-        try:
-            terminal.expect(rb"hint: [^\r\n]*\r\n", timeout=5)
-            break
-        except AssertionError:
-            if terminal.process.poll() is not None:
-                break
+    # One ^C, which the terminal turns into a real SIGINT for the foreground process, then Enter. CPython's
+    # input() writes the prompt and only then blocks in read(); a SIGINT that lands between the two (a window of
+    # microseconds: a person cannot hit it, a loaded test machine does, a few percent of the time) is only noted,
+    # and read() would then wait for input. The Enter ends that read(), and the noted interrupt is raised as
+    # input() returns. When read() was already blocked (the usual case), the SIGINT interrupts it and the Enter
+    # stays unread. Either way there is one interrupt and no timeout: if the script ignored ^C, the Enter would
+    # accept the suggested name and the run would create a key and exit 0, which the checks below reject.
+    terminal.type(b"\x03\r")
     assert terminal.finish() == 130, terminal.text
-    assert "error: interrupted (Ctrl-C)" in terminal.text
-    assert "hint: nothing was created" in terminal.text
-    assert "Traceback" not in terminal.text
+    assert "error: interrupted (Ctrl-C)\nhint: nothing was created\n" in terminal.text
+    assert terminal.text.count("error: ") == 1
+    assert "Traceback" not in terminal.text and "Creating" not in terminal.text
     assert list(key_client.list_properties_of_keys()) == []

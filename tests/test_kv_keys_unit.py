@@ -203,6 +203,7 @@ def test_default_run_reproduces_the_original_flow(
     code, out, err = run(capsys, "--name", NAME)
     assert (code, err) == (0, "")
     client.create_rsa_key.assert_called_once_with(NAME, size=2048)
+    client.list_properties_of_key_versions.assert_called_once_with(NAME)  # no other version: ours to delete
     assert client.get_key.call_args_list == [mock.call(NAME), mock.call(NAME)]
     client.begin_delete_key.assert_called_once_with(NAME)
     assert client.begin_delete_key.return_value.waited == 1
@@ -285,12 +286,35 @@ def test_purge_protection_is_explained(client: mock.MagicMock, capsys: pytest.Ca
     client.begin_delete_key.assert_called_once()  # deleted once, no cleanup attempt after a finished delete
 
 
+def test_purge_while_the_deletion_is_still_in_progress(
+    client: mock.MagicMock, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Azure can answer a purge right after the deletion with 409 "Key is currently being deleted."
+    client.purge_deleted_key.side_effect = http_error(
+        ResourceExistsError, 409, "Conflict", f"Key {NAME} is currently being deleted."
+    )
+    code, _, err = run(capsys, "--name", NAME, "--purge")
+    assert code == kv_keys.EXIT_SERVICE
+    lines = assert_one_error(err)
+    assert lines[0].startswith(
+        f"error: the key '{NAME}' is deleted, but {VAULT} refused to purge it yet: the deletion is still in progress"
+    )
+    assert "currently being deleted" in lines[0]
+    assert (
+        lines[1]
+        == f"hint: purge it in a few seconds: az keyvault key purge --vault-name {VAULT} --name {NAME}"
+    )
+    assert "choose another name" not in err and "name conflict" not in err
+    assert len(lines) == 2  # the deletion had finished: no cleanup
+    client.begin_delete_key.assert_called_once()
+
+
 def test_purge_permission_missing(client: mock.MagicMock, capsys: pytest.CaptureFixture[str]) -> None:
     client.purge_deleted_key.side_effect = forbidden("purge")
     code, _, err = run(capsys, "--name", NAME, "--purge")
     assert code == kv_keys.EXIT_PERMISSION
     lines = assert_one_error(err)
-    assert "--key-permissions get create delete purge" in lines[1]
+    assert "--key-permissions get list create delete purge" in lines[1]
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -439,12 +463,88 @@ def test_vault_order_url_then_name_then_embedded() -> None:
     assert choose(["--local"], both).kind == "embedded"
 
 
-def test_localvault_ca_is_trusted_for_loopback_urls_only() -> None:
-    ca = {"LOCALVAULT_CA_FILE": "ca.pem"}
-    assert choose(["--vault-url", "https://127.0.0.1:8443"], ca).ca_file == "ca.pem"
-    assert choose(["--vault-url", "https://[::1]:8443"], ca).ca_file == "ca.pem"
+def test_localvault_ca_is_trusted_for_loopback_urls_only(tmp_path: Path) -> None:
+    ca_file = tmp_path / "ca.pem"
+    ca_file.write_text("a CA certificate\n")
+    ca = {"LOCALVAULT_CA_FILE": str(ca_file)}
+    assert choose(["--vault-url", "https://127.0.0.1:8443"], ca).ca_file == str(ca_file)
+    assert choose(["--vault-url", "https://[::1]:8443"], ca).ca_file == str(ca_file)
     assert choose(["--vault-url", "https://my-vault.vault.azure.net"], ca).ca_file is None
     assert choose([], {**ca, "KEY_VAULT_NAME": "my-vault"}).ca_file is None
+    # for a vault in Azure the variable is ignored, so a stale one is no error there
+    gone = {"LOCALVAULT_CA_FILE": str(tmp_path / "gone.pem")}
+    assert choose(["--vault-url", "https://my-vault.vault.azure.net"], gone).ca_file is None
+
+
+@pytest.mark.parametrize("what", ["missing file", "directory"])
+def test_stale_localvault_ca_file_is_reported_before_any_request(
+    what: str,
+    tmp_path: Path,
+    client: mock.MagicMock,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # What a stopped `python -m localvault` leaves behind: its export lines name a CA file it has removed.
+    monkeypatch.setenv("LOCALVAULT_CA_FILE", str(tmp_path / "ca.pem" if what == "missing file" else tmp_path))
+    monkeypatch.setenv("IDENTITY_ENDPOINT", "http://127.0.0.1:9/msi/token")
+    monkeypatch.setenv("IDENTITY_HEADER", "secret")
+    code, _, err = run(capsys, "--vault-url", "https://127.0.0.1:8443", "--name", NAME)
+    assert code == kv_keys.EXIT_UNREACHABLE
+    lines = assert_one_error(err)
+    assert lines[0].startswith("error: cannot set up TLS: LOCALVAULT_CA_FILE names ")
+    assert "not a file" in lines[0]
+    assert "latest export lines" in lines[1] and "python -m localvault" in lines[1]
+    assert "OSError" not in err and "CA certificate bundle" not in err
+    client.factory.assert_not_called()
+
+
+def test_empty_vault_url_option_is_a_usage_error(
+    client: mock.MagicMock, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # With KEY_VAULT_NAME set, an empty --vault-url used to fall back to it silently.
+    for value in ("", "   "):
+        code, _, err = run(capsys, "--vault-url", value, "--name", NAME)
+        assert code == kv_keys.EXIT_USAGE
+        lines = assert_one_error(err)
+        assert lines[0] == "error: --vault-url is empty"
+        assert "drop --vault-url" in lines[1]
+    client.factory.assert_not_called()
+
+
+@pytest.mark.parametrize(
+    "endpoint",
+    [
+        "http://169.254.169.254/metadata/identity/oauth2/token",
+        "http://10.0.0.4:8081/msi/token",
+        "https://login.example.net/token",
+        "not a url",
+    ],
+)
+def test_non_local_identity_endpoint_is_refused_for_a_local_vault(
+    endpoint: str,
+    client: mock.MagicMock,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A real managed identity's token must never be sent to a local port: refuse before any credential exists.
+    monkeypatch.setenv("IDENTITY_ENDPOINT", endpoint)
+    monkeypatch.setenv("IDENTITY_HEADER", "secret")
+    code, _, err = run(capsys, "--vault-url", "https://127.0.0.1:8443", "--name", NAME)
+    assert code == kv_keys.EXIT_USAGE
+    lines = assert_one_error(err)
+    assert lines[0] == (
+        f"error: IDENTITY_ENDPOINT is {endpoint}, not on this machine, but the vault https://127.0.0.1:8443 is: "
+        "refusing to send a managed-identity token from there to a local port"
+    )
+    assert "python -m localvault" in lines[1]
+    client.factory.assert_not_called()
+
+
+def test_local_identity_endpoint_and_azure_vault_are_not_refused() -> None:
+    local = {"IDENTITY_ENDPOINT": "http://localhost:4242/msi/token"}
+    assert choose(["--vault-url", "https://127.0.0.1:8443"], local).url == "https://127.0.0.1:8443"
+    remote = {"IDENTITY_ENDPOINT": "http://169.254.169.254/metadata/identity/oauth2/token"}
+    assert choose(["--vault-url", "https://my-vault.vault.azure.net"], remote).kind == "url"
 
 
 @pytest.mark.parametrize(
@@ -501,10 +601,9 @@ def test_loopback_client_trusts_the_local_ca_and_skips_only_the_challenge_check(
     client = kv_keys.make_client(vault)
     try:
         assert find_policy(client, "ChallengeAuthPolicy")._verify_challenge_resource is False
-        assert (
-            type(find_policy(client, "ChallengeAuthPolicy")._credential).__name__
-            == "ManagedIdentityCredential"
-        )
+        credential = find_policy(client, "ChallengeAuthPolicy")._credential
+        assert isinstance(credential, kv_keys.LocalTokenSource)
+        assert type(credential.credential).__name__ == "ManagedIdentityCredential"
         transport = client._client._client._pipeline._transport
         assert transport.connection_config.verify == "ca.pem"
         assert transport._use_env_settings is False  # no proxy for loopback traffic
@@ -645,6 +744,69 @@ def test_409_from_create_after_a_clean_lookup(
     assert f"az keyvault key purge --vault-name {VAULT} --name {NAME}" in assert_one_error(err)[1]
 
 
+def test_concurrent_create_after_the_name_check_is_never_deleted(
+    client: mock.MagicMock, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The name was free, then someone else created it before our create: create added our version v1 on top
+    # of theirs, and get returns v1, so only the version list shows that the key is not ours alone.
+    client.list_properties_of_key_versions.return_value = [
+        SimpleNamespace(version="theirs"),
+        SimpleNamespace(version="v1"),
+    ]
+    code, _, err = run(capsys, "--name", NAME)
+    assert code == kv_keys.EXIT_CONFLICT
+    lines = assert_one_error(err)
+    assert lines[0] == (
+        f"error: a key named '{NAME}' already existed in {VAULT}, or someone else created it after the name "
+        "check: it has 1 other version(s). This run added version v1 to it and deleted nothing"
+    )
+    assert lines[1] == (
+        "hint: disable just that version if you do not want it: "
+        f"az keyvault key set-attributes --vault-name {VAULT} --name {NAME} --version v1 --enabled false "
+        "(a single version cannot be deleted)"
+    )
+    assert lines[2].startswith(f"cleanup: nothing deleted, since the name '{NAME}' holds versions")
+    client.begin_delete_key.assert_not_called()
+    client.update_key_properties.assert_not_called()
+
+
+def test_version_list_without_the_created_version_is_left_alone(
+    client: mock.MagicMock, capsys: pytest.CaptureFixture[str]
+) -> None:
+    client.list_properties_of_key_versions.return_value = [SimpleNamespace(version="someone-elses")]
+    code, _, err = run(capsys, "--name", NAME)
+    assert code == kv_keys.EXIT_CONFLICT
+    assert "something else is writing to this key" in assert_one_error(err)[0]
+    client.begin_delete_key.assert_not_called()
+
+
+def test_versions_not_listable_means_no_deletion(
+    client: mock.MagicMock, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The name was free, but without the version list a concurrent writer's versions cannot be ruled out.
+    client.list_properties_of_key_versions.side_effect = forbidden("list")
+    code, out, err = run(capsys, "--name", NAME)
+    assert code == kv_keys.EXIT_PERMISSION
+    lines = assert_one_error(err)
+    assert lines[0] == (
+        f"error: not deleting '{NAME}': this identity may not list the key's versions, so this run cannot tell "
+        "whether the key holds versions that it did not create"
+    )
+    assert "--key-permissions get list create delete purge" in lines[1]
+    assert "cleanup: nothing deleted" in err
+    client.begin_delete_key.assert_not_called()
+    assert f"Key with name '{NAME}' was found." in out
+
+
+def test_versions_not_listable_is_fine_with_keep(
+    client: mock.MagicMock, capsys: pytest.CaptureFixture[str]
+) -> None:
+    client.list_properties_of_key_versions.side_effect = forbidden("list")
+    code, _, err = run(capsys, "--name", NAME, "--keep")
+    assert (code, err) == (0, "")
+    client.begin_delete_key.assert_not_called()
+
+
 def test_lookup_forbidden_and_key_existed_adds_no_deletion(
     client: mock.MagicMock, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -771,7 +933,7 @@ def test_permission_denied_403(client: mock.MagicMock, capsys: pytest.CaptureFix
     lines = assert_one_error(err)
     assert "does not have keys create permission" in lines[0]
     assert f"az keyvault set-policy --name {VAULT} " in lines[1]
-    assert "--key-permissions get create delete purge" in lines[1]
+    assert "--key-permissions get list create delete purge" in lines[1]
     assert '"Key Vault Crypto Officer"' in lines[1]
     assert f"az keyvault show --name {VAULT}" in lines[1]
     client.begin_delete_key.assert_not_called()
@@ -849,6 +1011,32 @@ def test_verbose_shows_the_traceback(client: mock.MagicMock, capsys: pytest.Capt
     assert "error: " in err and "hint: " in err
 
 
+def test_verbose_shows_the_sdk_error_behind_an_explained_failure(
+    client: mock.MagicMock, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The soft-deleted 409 from create becomes a Failure with its own message; --verbose still shows the SDK error.
+    client.create_rsa_key.side_effect = http_error(ResourceExistsError, 409, "Conflict", RECOVERABLE)
+    code, _, err = run(capsys, "--name", NAME, "--verbose")
+    assert code == kv_keys.EXIT_CONFLICT
+    assert "Traceback (most recent call last)" in err
+    assert (
+        "azure.core.exceptions.ResourceExistsError: (Conflict) Key unit-key is currently in a deleted" in err
+    )
+    assert "in create_key" in err  # the frame that raised it
+    lines = err.strip().splitlines()
+    error = next(i for i, line in enumerate(lines) if line.startswith("error: "))
+    assert "soft-delete" in lines[error] and lines[error + 1].startswith("hint: recover it: ")
+
+    code, _, err = run(capsys, "--name", NAME)  # without --verbose: the two lines only
+    assert "Traceback" not in err and len(assert_one_error(err)) == 2
+
+
+def test_verbose_shows_no_traceback_for_input_errors(capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(capsys, "--name", "bad_name", "--verbose")
+    assert code == kv_keys.EXIT_USAGE
+    assert len(assert_one_error(err)) == 2
+
+
 def test_redaction_filter() -> None:
     import logging
 
@@ -890,6 +1078,20 @@ def test_cleanup_when_get_fails_after_create(
     assert f"cleanup: done, the key '{NAME}' created by this run is deleted." in err
 
 
+def test_keep_means_no_cleanup_after_a_failure(
+    client: mock.MagicMock, capsys: pytest.CaptureFixture[str]
+) -> None:
+    client.get_key.side_effect = [not_found(), forbidden()]
+    code, _, err = run(capsys, "--name", NAME, "--keep")
+    assert code == kv_keys.EXIT_PERMISSION
+    assert_one_error(err)
+    client.begin_delete_key.assert_not_called()
+    assert (
+        f"cleanup: skipped (--keep): https://{VAULT}.vault.azure.net/keys/{NAME}/v1 stays in {VAULT}; "
+        f"to delete it: az keyvault key delete --vault-name {VAULT} --name {NAME}"
+    ) in err
+
+
 def test_cleanup_when_delete_fails(client: mock.MagicMock, capsys: pytest.CaptureFixture[str]) -> None:
     client.begin_delete_key.side_effect = forbidden("delete")
     code, _, err = run(capsys, "--name", NAME)
@@ -918,9 +1120,12 @@ def test_ctrl_c_between_create_and_delete(client: mock.MagicMock, capsys: pytest
     code, _, err = run(capsys, "--name", NAME)
     assert code == kv_keys.EXIT_INTERRUPTED
     lines = assert_one_error(err)
-    assert lines[0] == "error: interrupted (Ctrl-C)"
+    assert lines[:2] == [
+        "error: interrupted (Ctrl-C)",
+        "hint: the key that this run created was deleted (see below)",
+    ]
     client.begin_delete_key.assert_called_once_with(NAME)
-    assert "cleanup: done" in err
+    assert lines[2:] == [f"cleanup: done, the key '{NAME}' created by this run is deleted."]
 
 
 def test_second_ctrl_c_during_cleanup_is_reported(
@@ -930,26 +1135,202 @@ def test_second_ctrl_c_during_cleanup_is_reported(
     client.begin_delete_key.side_effect = KeyboardInterrupt()
     code, _, err = run(capsys, "--name", NAME)
     assert code == kv_keys.EXIT_INTERRUPTED
+    lines = assert_one_error(err)
+    assert (
+        lines[1]
+        == f"hint: the key that this run created may still be in {VAULT}: delete it yourself (see below)"
+    )
     assert "cleanup failed (interrupted)" in err
     assert f"az keyvault key delete --vault-name {VAULT} --name {NAME}" in err
 
 
-def test_ctrl_c_during_create_mentions_the_possible_key(
+def test_ctrl_c_during_the_delete_request_is_not_reported_as_a_failed_cleanup(
+    client: mock.MagicMock, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Ctrl-C while DELETE was in flight: the vault deleted the key, so cleanup's own delete answers 404.
+    client.begin_delete_key.side_effect = [KeyboardInterrupt(), not_found()]
+    client.get_deleted_key.side_effect = [
+        not_found(),
+        fake_deleted(),
+    ]  # the name check, then the confirmation
+    code, _, err = run(capsys, "--name", NAME)
+    assert code == kv_keys.EXIT_INTERRUPTED
+    lines = assert_one_error(err)
+    assert (
+        lines[1]
+        == "hint: the key that this run created is deleted: its deletion had gone through (see below)"
+    )
+    assert lines[2:] == [
+        f"cleanup: nothing left to delete: {VAULT} answered that '{NAME}' is not there, it was already deleted; "
+        f"it is kept as the deleted key https://{VAULT}.vault.azure.net/deletedkeys/{NAME} "
+        "until 2025-04-02 00:00:00+00:00."
+    ]
+    assert "cleanup failed" not in err and "still in" not in err
+    assert client.begin_delete_key.call_count == 2
+    assert client.get_deleted_key.call_args_list == [mock.call(NAME), mock.call(NAME)]
+
+
+def test_already_deleted_without_a_deleted_key_to_show(
+    client: mock.MagicMock, capsys: pytest.CaptureFixture[str]
+) -> None:
+    client.get_key.side_effect = [not_found(), http_error(HttpResponseError, 500, "Oops", "Oops.")]
+    client.begin_delete_key.side_effect = not_found()  # e.g. someone else deleted it meanwhile
+    code, _, err = run(capsys, "--name", NAME)
+    assert code == kv_keys.EXIT_SERVICE
+    lines = assert_one_error(err)
+    assert lines[2:] == [
+        f"cleanup: nothing left to delete: {VAULT} answered that '{NAME}' is not there, it was already deleted."
+    ]
+
+
+# Ctrl-C or a lost answer while the create request was in flight: the vault may have created the key.
+
+
+def test_ctrl_c_during_create_deletes_the_key_it_made(
     client: mock.MagicMock, capsys: pytest.CaptureFixture[str]
 ) -> None:
     client.create_rsa_key.side_effect = KeyboardInterrupt()
+    client.get_key.side_effect = [not_found(), fake_key("made")]  # the name check, then the lookup
+    client.list_properties_of_key_versions.return_value = [SimpleNamespace(version="made")]
     code, _, err = run(capsys, "--name", NAME)
     assert code == kv_keys.EXIT_INTERRUPTED
-    assert f"az keyvault key show --vault-name {VAULT} --name {NAME}" in err
+    lines = assert_one_error(err)
+    assert lines[1] == "hint: the key that the cut-off create request made was deleted (see below)"
+    assert lines[2:] == [f"cleanup: done, the key '{NAME}' created by this run is deleted."]
+    client.begin_delete_key.assert_called_once_with(NAME)
+    assert "nothing was created" not in err and "may have been created" not in err
 
 
-def test_lost_response_during_create_mentions_the_possible_key(
+def test_ctrl_c_during_create_that_made_nothing(
+    client: mock.MagicMock, capsys: pytest.CaptureFixture[str]
+) -> None:
+    client.create_rsa_key.side_effect = KeyboardInterrupt()
+    client.get_key.side_effect = [not_found(), not_found()]
+    code, _, err = run(capsys, "--name", NAME)
+    assert code == kv_keys.EXIT_INTERRUPTED
+    lines = assert_one_error(err)
+    assert lines[1] == "hint: nothing was created: the vault has no key by this name"
+    assert lines[2:] == [f"cleanup: {VAULT} has no key '{NAME}': the cut-off create request created nothing"]
+    assert "may have been created" not in err
+    client.begin_delete_key.assert_not_called()
+
+
+@pytest.mark.parametrize(
+    ("situation", "why"),
+    [
+        ("the name was not checkable", "the name could not be checked before the create"),
+        ("the key has two versions", f"the key '{NAME}' has 2 versions, so it is not this run's alone"),
+        ("the lookup fails", "looking the key up failed (interrupted)"),
+        ("versions are not listable", "this identity may not list the key's versions"),
+    ],
+)
+def test_ctrl_c_during_create_that_cannot_be_settled_says_how_to_check(
+    situation: str, why: str, client: mock.MagicMock, capsys: pytest.CaptureFixture[str]
+) -> None:
+    client.create_rsa_key.side_effect = KeyboardInterrupt()
+    if situation == "the name was not checkable":
+        client.get_key.side_effect = forbidden()
+    elif situation == "the lookup fails":
+        client.get_key.side_effect = [not_found(), KeyboardInterrupt()]
+    else:
+        client.get_key.side_effect = [not_found(), fake_key("made")]
+    if situation == "the key has two versions":
+        client.list_properties_of_key_versions.return_value = [
+            SimpleNamespace(version="theirs"),
+            SimpleNamespace(version="made"),
+        ]
+    elif situation == "versions are not listable":
+        client.list_properties_of_key_versions.side_effect = forbidden("list")
+    code, _, err = run(capsys, "--name", NAME)
+    assert code == kv_keys.EXIT_INTERRUPTED
+    lines = assert_one_error(err)
+    show = f"az keyvault key show --vault-name {VAULT} --name {NAME}"
+    assert lines[1] == (
+        f"hint: the key '{NAME}' may have been created before the create request was cut off; to check: {show}"
+    )
+    assert len(lines) == 3 and lines[2].startswith(f"cleanup: nothing deleted, since {why}")
+    assert lines[2].endswith(f"; to check: {show}")
+    client.begin_delete_key.assert_not_called()
+
+
+def test_lost_response_during_create_looks_the_key_up(
     client: mock.MagicMock, capsys: pytest.CaptureFixture[str]
 ) -> None:
     client.create_rsa_key.side_effect = ServiceResponseError("Connection aborted.")
+    client.get_key.side_effect = [not_found(), fake_key()]
     code, _, err = run(capsys, "--name", NAME)
     assert code == kv_keys.EXIT_UNREACHABLE
-    assert "may have been created" in err
+    lines = assert_one_error(err)
+    assert "Connection aborted." in lines[0] and "check the vault URL" in lines[1]  # the failure's own hint
+    assert lines[2:] == [f"cleanup: done, the key '{NAME}' created by this run is deleted."]
+    client.begin_delete_key.assert_called_once_with(NAME)
+
+
+def test_refused_create_needs_no_lookup(client: mock.MagicMock, capsys: pytest.CaptureFixture[str]) -> None:
+    client.create_rsa_key.side_effect = forbidden("create")
+    code, _, err = run(capsys, "--name", NAME)
+    assert code == kv_keys.EXIT_PERMISSION
+    assert len(assert_one_error(err)) == 2
+    assert client.get_key.call_count == 1  # the name check only
+
+
+def test_ctrl_c_after_create_with_unknown_ownership_deletes_nothing_and_says_so(
+    client: mock.MagicMock, capsys: pytest.CaptureFixture[str]
+) -> None:
+    client.list_properties_of_key_versions.side_effect = forbidden("list")
+    client.get_key.side_effect = [not_found(), KeyboardInterrupt()]
+    code, _, err = run(capsys, "--name", NAME)
+    assert code == kv_keys.EXIT_INTERRUPTED
+    lines = assert_one_error(err)
+    assert lines[1] == (
+        f"hint: nothing was deleted: this run cannot tell whether the key '{NAME}' holds versions that it did "
+        "not create (see below)"
+    )
+    assert lines[2].startswith(
+        "cleanup: nothing deleted, since this identity may not list the key's versions"
+    )
+    assert f"this run created https://{VAULT}.vault.azure.net/keys/{NAME}/v1" in lines[2]
+    assert (
+        lines[3]
+        == f"cleanup: if the key is yours alone, delete it: az keyvault key delete --vault-name {VAULT} --name {NAME}"
+    )
+    assert "deleted now" not in err and "cleanup: done" not in err
+    client.begin_delete_key.assert_not_called()
+
+
+def test_ctrl_c_during_purge(client: mock.MagicMock, capsys: pytest.CaptureFixture[str]) -> None:
+    client.purge_deleted_key.side_effect = KeyboardInterrupt()
+    code, _, err = run(capsys, "--name", NAME, "--purge")
+    assert code == kv_keys.EXIT_INTERRUPTED
+    assert assert_one_error(err) == [
+        "error: interrupted (Ctrl-C)",
+        "hint: the key that this run created is deleted, but perhaps not purged; to purge it: "
+        f"az keyvault key purge --vault-name {VAULT} --name {NAME}",
+    ]
+    client.begin_delete_key.assert_called_once()
+
+
+def test_ctrl_c_while_waiting_for_the_deletion(
+    client: mock.MagicMock, capsys: pytest.CaptureFixture[str]
+) -> None:
+    client.begin_delete_key.return_value = FakePoller(wait_error=KeyboardInterrupt())
+    code, _, err = run(capsys, "--name", NAME)
+    assert code == kv_keys.EXIT_INTERRUPTED
+    assert assert_one_error(err)[1:] == [
+        "hint: the key that this run created is deleted; the vault finishes the deletion by itself",
+        f"cleanup: the deletion of '{NAME}' was requested; the vault completes it.",
+    ]
+    client.begin_delete_key.assert_called_once()
+
+
+def test_ctrl_c_before_create_created_nothing(
+    client: mock.MagicMock, capsys: pytest.CaptureFixture[str]
+) -> None:
+    client.get_deleted_key.side_effect = KeyboardInterrupt()
+    code, _, err = run(capsys, "--name", NAME)
+    assert code == kv_keys.EXIT_INTERRUPTED
+    assert assert_one_error(err) == ["error: interrupted (Ctrl-C)", "hint: nothing was created"]
+    client.create_rsa_key.assert_not_called()
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -1011,6 +1392,23 @@ def clean_env(**extra: str) -> Dict[str, str]:
         (["--name", "ok"], "", {"KEY_VAULT_NAME": "x"}, 2),
         ([], "", {}, 2),  # end of input at the prompt
         ([], "bad name\n", {"KEY_VAULT_NAME": "my-vault"}, 2),
+        # an empty --vault-url; the fallback it must not take is a loopback port where nothing listens
+        (["--name", "ok", "--vault-url", ""], "", {"KEY_VAULT_URL": "https://127.0.0.1:9"}, 2),
+        (  # a stale LOCALVAULT_CA_FILE (relative to the clone, where no such file is)
+            ["--name", "ok", "--vault-url", "https://127.0.0.1:9"],
+            "",
+            {"LOCALVAULT_CA_FILE": "no-such-localvault-dir/ca.pem"},
+            5,
+        ),
+        (  # a loopback vault with a remote identity endpoint
+            ["--name", "ok", "--vault-url", "https://127.0.0.1:9"],
+            "",
+            {
+                "IDENTITY_ENDPOINT": "http://169.254.169.254/metadata/identity/oauth2/token",
+                "IDENTITY_HEADER": "x",
+            },
+            2,
+        ),
     ],
 )
 def test_help_and_input_errors_do_not_import_azure(
