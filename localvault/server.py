@@ -89,8 +89,7 @@ class VaultServer(_Server):
     ) -> None:
         self.context, self.store, self.issuer = context, store, issuer
         super().__init__(address, VaultHandler)
-        host, port = self.server_address[:2]
-        self.base_url = f"https://[{host}]:{port}" if ":" in host else f"https://{host}:{port}"
+        self.base_url = ""  # the vault's URL, which names it in ids and links; set by LocalVault once bound
 
     def finish_request(self, request: Any, client_address: Any) -> None:
         request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -116,6 +115,12 @@ class _Handler(BaseHTTPRequestHandler):
 
     def version_string(self) -> str:
         return self.server_version
+
+    def handle_one_request(self) -> None:
+        try:
+            super().handle_one_request()
+        except (ConnectionError, socket.timeout, ssl.SSLError):  # the client went away mid-request
+            self.close_connection = True
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("%s %s", self.address_string(), format % args)
@@ -176,12 +181,6 @@ class _Handler(BaseHTTPRequestHandler):
 class VaultHandler(_Handler):
     server: VaultServer
 
-    def handle_one_request(self) -> None:
-        try:
-            super().handle_one_request()
-        except (ConnectionError, socket.timeout, ssl.SSLError):
-            self.close_connection = True
-
     def _dispatch(self) -> None:
         headers = dict(SERVICE_HEADERS, **{"x-ms-request-id": str(uuid.uuid4())})
         try:
@@ -240,12 +239,6 @@ class IdentityServer(_Server):
 class IdentityHandler(_Handler):
     server: IdentityServer
     path_prefix = "/msi/token"
-
-    def handle_one_request(self) -> None:
-        try:
-            super().handle_one_request()
-        except (ConnectionError, socket.timeout):
-            self.close_connection = True
 
     def _reply(self, status: int, body: Dict[str, Any]) -> None:
         self.send_json(status, body, {"Cache-Control": "no-store"})

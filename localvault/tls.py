@@ -7,7 +7,7 @@ import ipaddress
 import os
 import ssl
 from dataclasses import dataclass
-from typing import List, Union
+from typing import List, Sequence, Union
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -44,7 +44,7 @@ def _write(path: str, data: bytes, mode: int) -> None:
     os.chmod(path, mode)
 
 
-def generate(directory: str, extra_ips: List[str] = ()) -> CertificateFiles:
+def generate(directory: str, extra_ips: Sequence[str] = ()) -> CertificateFiles:
     """Write ``ca.pem`` (public), ``cert.pem`` and ``key.pem`` (owner-only) into ``directory``."""
     now = datetime.datetime.now(datetime.timezone.utc)
     start, end = now - datetime.timedelta(minutes=5), now + datetime.timedelta(days=30)

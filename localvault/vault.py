@@ -64,7 +64,7 @@ class LocalVault:
             return self
         self._dir = tempfile.mkdtemp(prefix="localvault-")
         try:
-            files = tls.generate(self._dir, extra_ips=_ip_literals([self.host]))
+            files = tls.generate(self._dir, extra_ips=_extra_ips(self.host))
             self.ca_file = files.ca_file
             self._identity_server = IdentityServer(
                 (LOOPBACK, self._identity_port), self.issuer, self._identity_secret
@@ -160,15 +160,13 @@ class LocalVault:
         return KeyClient(self.url, credential or self.credential(), **kwargs)
 
 
-def _ip_literals(hosts: List[str]) -> List[str]:
-    """The hosts that are IP addresses the leaf certificate does not already name."""
-    literals = []
-    for host in hosts:
-        with contextlib.suppress(ValueError):
-            address = ipaddress.ip_address(host)
-            if not address.is_loopback and not address.is_unspecified:
-                literals.append(str(address))
-    return literals
+def _extra_ips(host: str) -> List[str]:
+    """The bind address, for the leaf certificate, if it is an IP address that it does not name already."""
+    with contextlib.suppress(ValueError):
+        address = ipaddress.ip_address(host)
+        if not address.is_loopback and not address.is_unspecified:
+            return [str(address)]
+    return []
 
 
 class LocalVaultCredential:
