@@ -7,9 +7,11 @@ import contextlib
 import hmac
 import json
 import logging
+import select
 import socket
 import ssl
 import threading
+import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Dict, Optional, Set, Tuple
@@ -56,22 +58,83 @@ class _Server(ThreadingHTTPServer):
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         self._connections: Set[socket.socket] = set()
         self._connections_lock = threading.Lock()
+        self._closing = False
+        # Connections accepted and not waiting for their next request; and those that are waiting.
+        self._busy = 0
+        self._waiting: Set[socket.socket] = set()
+        self._activity = threading.Condition()
         super().__init__(address, handler)
 
-    def track(self, sock: socket.socket, active: bool) -> None:
+    def track(self, sock: socket.socket, active: bool) -> bool:
+        """Add or drop a connection; False when adding one after close_connections(), which must end."""
         with self._connections_lock:
+            if active and self._closing:
+                return False
             (self._connections.add if active else self._connections.discard)(sock)
+            return True
 
     def close_connections(self) -> None:
         with self._connections_lock:
+            self._closing = True
             connections = list(self._connections)
         for sock in connections:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
 
+    def process_request(self, request: Any, client_address: Any) -> None:
+        self._set_busy(+1)
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._set_busy(-1)
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._set_busy(-1)
+
+    def _set_busy(self, delta: int, waiting: Optional[socket.socket] = None) -> None:
+        with self._activity:
+            self._busy += delta
+            if waiting is not None:
+                (self._waiting.add if delta < 0 else self._waiting.discard)(waiting)
+            self._activity.notify_all()
+
+    def wait_for_request(self, sock: socket.socket) -> None:
+        self._set_busy(-1, sock)
+
+    def request_arrived(self, sock: socket.socket) -> None:
+        self._set_busy(+1, sock)
+
+    def is_idle(self) -> bool:
+        """No request being read or handled, none waiting to be accepted, no unread bytes anywhere."""
+        with self._activity:
+            if self._busy:
+                return False
+            waiting = list(self._waiting)
+        with contextlib.suppress(OSError, ValueError):
+            if any(isinstance(s, ssl.SSLSocket) and s.pending() for s in waiting):
+                return False
+            readable, _, _ = select.select([self.socket, *waiting], [], [], 0)
+            return not readable
+        return False
+
+    def wait_idle(self, deadline: float) -> bool:
+        while not self.is_idle():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            with self._activity:
+                # woken by any change; a short wait covers bytes arriving on a waiting connection
+                self._activity.wait(min(remaining, 0.01))
+        return True
+
     def finish_request(self, request: Any, client_address: Any) -> None:
         request.settimeout(IDLE_TIMEOUT)
-        self.track(request, True)
+        if not self.track(request, True):
+            return
         try:
             super().finish_request(request, client_address)
         finally:
@@ -96,8 +159,9 @@ class VaultServer(_Server):
         request.settimeout(IDLE_TIMEOUT)
         # Wrap first and shake hands after, so stop() can shut down a connection stuck in the handshake.
         tls = self.context.wrap_socket(request, server_side=True, do_handshake_on_connect=False)
-        self.track(tls, True)
         try:
+            if not self.track(tls, True):
+                return
             tls.do_handshake()
             self.RequestHandlerClass(tls, client_address, self)
         except (OSError, ssl.SSLError):
@@ -108,6 +172,7 @@ class VaultServer(_Server):
 
 
 class _Handler(BaseHTTPRequestHandler):
+    server: _Server
     protocol_version = "HTTP/1.1"
     default_request_version = "HTTP/1.1"
     wbufsize = 64 * 1024  # headers and body leave in one write, flushed after each request
@@ -117,10 +182,49 @@ class _Handler(BaseHTTPRequestHandler):
         return self.server_version
 
     def handle_one_request(self) -> None:
+        # As the stdlib's, but the server knows when this connection waits for its next request.
+        waiting = not self._request_started()
+        if waiting:
+            self.server.wait_for_request(self.connection)
         try:
-            super().handle_one_request()
+            self.raw_requestline = self.rfile.readline(65537)
+        except (ConnectionError, socket.timeout, ssl.SSLError):
+            self.close_connection = True
+            return
+        finally:
+            if waiting:
+                self.server.request_arrived(self.connection)
+        try:
+            if len(self.raw_requestline) > 65536:
+                self.requestline = self.request_version = self.command = ""
+                self.send_error(414, "The request line is too long.")
+                return
+            if not self.raw_requestline:
+                self.close_connection = True
+                return
+            if not self.parse_request():
+                return
+            method = getattr(self, "do_" + self.command, None)
+            if method is None:
+                self.send_error(501, f"Unsupported method ({self.command!r})")
+                return
+            method()
+            self.wfile.flush()
         except (ConnectionError, socket.timeout, ssl.SSLError):  # the client went away mid-request
             self.close_connection = True
+
+    def _request_started(self) -> bool:
+        """Whether bytes of the next request are here already: buffered, decrypted or on the socket.
+        TLS may hold a record that select() cannot see, so this tries a read without blocking."""
+        self.connection.setblocking(False)
+        try:
+            return bool(self.rfile.peek(1))
+        except (ssl.SSLWantReadError, BlockingIOError):
+            return False
+        except OSError:
+            return True  # the read that follows meets the same error and ends the connection
+        finally:
+            self.connection.settimeout(IDLE_TIMEOUT)
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("%s %s", self.address_string(), format % args)
@@ -207,11 +311,11 @@ class VaultHandler(_Handler):
                 f"The specified version ({api_version}) is not recognized. "
                 f"Consider using the latest supported version ({LATEST_API_VERSION})."
             )
-        handler, params = urls.resolve(self.command, split.path)
+        route, params = urls.resolve(self.command, split.path)
         request = Request(
             self.server.store, self.server.base_url, split.path.rstrip("/"), api_version, query, body
         )
-        return handler(request, **params)
+        return route.handler(request, **params)
 
     def _authenticate(self, headers: Dict[str, str]) -> None:
         scheme, _, token = self.headers.get("Authorization", "").partition(" ")

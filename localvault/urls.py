@@ -1,55 +1,98 @@
-"""The route table: (method, path pattern, handler). Names and versions are matched loosely here
-and validated by the handlers, so a bad name gets the service's 400 rather than a 404."""
+"""The route table: (method, path pattern, keys.json operationId, key permission, handler).
+
+Names and versions are matched loosely here and validated by the handlers, so a bad name gets the
+service's 400 rather than a 404. An empty version means the latest: the SDK sends ``/keys/n//sign``.
+The permission is the access-policy key permission the operation needs (None: any valid token).
+"""
 
 from __future__ import annotations
 
 import re
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, List, NamedTuple, Optional, Tuple
 
 from . import responses
 from .exceptions import MethodNotAllowed, NotFound
 
-_SEG = r"(?P<{}>[^/]+)"
-NAME, VERSION = _SEG.format("name"), _SEG.format("version")
-_OPS = r"(?:encrypt|decrypt|sign|verify|wrapkey|unwrapkey|release)"
+NAME = r"(?P<name>[^/]+)"
+VERSION = r"(?P<version>[^/]+)"
+ANY_VERSION = r"(?P<version>[^/]*)"  # empty: the latest version
 
-ROUTES: List[Tuple[str, str, Callable]] = [
-    ("GET", r"/keys/?", responses.list_keys),
-    ("POST", r"/keys/restore", responses.restore_key),
-    ("GET", rf"/keys/{NAME}/versions", responses.list_key_versions),
-    ("POST", rf"/keys/{NAME}/create", responses.create_key),
-    ("POST", rf"/keys/{NAME}/backup", responses.backup_key),
-    ("POST", rf"/keys/{NAME}/rotate", responses.not_emulated),
-    ("GET", rf"/keys/{NAME}/rotationpolicy", responses.not_emulated),
-    ("PUT", rf"/keys/{NAME}/rotationpolicy", responses.not_emulated),
-    ("PUT", rf"/keys/{NAME}", responses.import_key),
-    ("DELETE", rf"/keys/{NAME}", responses.delete_key),
-    ("GET", rf"/keys/{NAME}/?", responses.get_key),
-    ("GET", rf"/keys/{NAME}/{VERSION}", responses.get_key),
-    ("PATCH", rf"/keys/{NAME}/?", responses.update_key),
-    ("PATCH", rf"/keys/{NAME}/{VERSION}", responses.update_key),
-    ("POST", rf"/keys/{NAME}/(?:{VERSION}/)?{_OPS}", responses.not_emulated),
-    ("GET", rf"/keys/{NAME}/{VERSION}/attestation", responses.not_emulated),
-    ("GET", r"/deletedkeys/?", responses.list_deleted_keys),
-    ("GET", rf"/deletedkeys/{NAME}", responses.get_deleted_key),
-    ("DELETE", rf"/deletedkeys/{NAME}", responses.purge_deleted_key),
-    ("POST", rf"/deletedkeys/{NAME}/recover", responses.recover_deleted_key),
-    ("POST", r"/rng", responses.not_emulated),
+
+class Route(NamedTuple):
+    method: str
+    pattern: str
+    operation: str
+    permission: Optional[str]
+    handler: Callable
+
+
+ROUTES: List[Route] = [
+    Route("GET", r"/keys/?", "GetKeys", "list", responses.list_keys),
+    Route("POST", r"/keys/restore", "RestoreKey", "restore", responses.restore_key),
+    Route("GET", rf"/keys/{NAME}/versions", "GetKeyVersions", "list", responses.list_key_versions),
+    Route("POST", rf"/keys/{NAME}/create", "CreateKey", "create", responses.create_key),
+    Route("POST", rf"/keys/{NAME}/backup", "BackupKey", "backup", responses.backup_key),
+    Route("POST", rf"/keys/{NAME}/rotate", "RotateKey", "rotate", responses.not_emulated),
+    Route(
+        "GET",
+        rf"/keys/{NAME}/rotationpolicy",
+        "GetKeyRotationPolicy",
+        "getrotationpolicy",
+        responses.not_emulated,
+    ),
+    Route(
+        "PUT",
+        rf"/keys/{NAME}/rotationpolicy",
+        "UpdateKeyRotationPolicy",
+        "setrotationpolicy",
+        responses.not_emulated,
+    ),
+    Route("PUT", rf"/keys/{NAME}", "ImportKey", "import", responses.import_key),
+    Route("DELETE", rf"/keys/{NAME}", "DeleteKey", "delete", responses.delete_key),
+    Route("GET", rf"/keys/{NAME}/?", "GetKey", "get", responses.get_key),
+    Route("GET", rf"/keys/{NAME}/{VERSION}", "GetKey", "get", responses.get_key),
+    Route("PATCH", rf"/keys/{NAME}/?", "UpdateKey", "update", responses.update_key),
+    Route("PATCH", rf"/keys/{NAME}/{VERSION}", "UpdateKey", "update", responses.update_key),
+    Route("POST", rf"/keys/{NAME}/{ANY_VERSION}/encrypt", "encrypt", "encrypt", responses.not_emulated),
+    Route("POST", rf"/keys/{NAME}/{ANY_VERSION}/decrypt", "decrypt", "decrypt", responses.not_emulated),
+    Route("POST", rf"/keys/{NAME}/{ANY_VERSION}/sign", "sign", "sign", responses.not_emulated),
+    Route("POST", rf"/keys/{NAME}/{ANY_VERSION}/verify", "verify", "verify", responses.not_emulated),
+    Route("POST", rf"/keys/{NAME}/{ANY_VERSION}/wrapkey", "wrapKey", "wrapKey", responses.not_emulated),
+    Route("POST", rf"/keys/{NAME}/{ANY_VERSION}/unwrapkey", "unwrapKey", "unwrapKey", responses.not_emulated),
+    Route("POST", rf"/keys/{NAME}/{ANY_VERSION}/release", "release", "release", responses.not_emulated),
+    Route(
+        "GET",
+        rf"/keys/{NAME}/{ANY_VERSION}/attestation",
+        "GetKeyAttestation",
+        "get",
+        responses.not_emulated,
+    ),
+    Route("GET", r"/deletedkeys/?", "GetDeletedKeys", "list", responses.list_deleted_keys),
+    Route("GET", rf"/deletedkeys/{NAME}", "GetDeletedKey", "get", responses.get_deleted_key),
+    Route("DELETE", rf"/deletedkeys/{NAME}", "PurgeDeletedKey", "purge", responses.purge_deleted_key),
+    Route(
+        "POST",
+        rf"/deletedkeys/{NAME}/recover",
+        "RecoverDeletedKey",
+        "recover",
+        responses.recover_deleted_key,
+    ),
+    Route("POST", r"/rng", "GetRandomBytes", None, responses.not_emulated),
 ]
 
-_COMPILED = [(method, re.compile(f"^{pattern}$"), handler) for method, pattern, handler in ROUTES]
+_COMPILED = [(re.compile(f"^{route.pattern}$"), route) for route in ROUTES]
 
 
-def resolve(method: str, path: str) -> Tuple[Callable, dict]:
-    """The handler and path parameters for a request; NotFound or MethodNotAllowed otherwise."""
+def resolve(method: str, path: str) -> Tuple[Route, dict]:
+    """The route and path parameters for a request; NotFound or MethodNotAllowed otherwise."""
     allowed: List[str] = []
-    for route_method, pattern, handler in _COMPILED:
+    for pattern, route in _COMPILED:
         match: Optional[re.Match] = pattern.match(path)
         if match is None:
             continue
-        if route_method == method:
-            return handler, {k: v for k, v in match.groupdict().items() if v is not None}
-        allowed.append(route_method)
+        if route.method == method:
+            return route, {k: v for k, v in match.groupdict().items() if v is not None}
+        allowed.append(route.method)
     if allowed:
         raise MethodNotAllowed(f"The requested resource does not support http method '{method}'.")
     raise NotFound(f"The requested resource '{path}' was not found.")

@@ -8,6 +8,7 @@ import secrets
 import shutil
 import tempfile
 import threading
+import time
 from typing import Any, Dict, List, Optional
 
 from . import tls
@@ -119,6 +120,18 @@ class LocalVault:
     def reset(self) -> None:
         """Forget every key, version and deleted key."""
         self.store.reset()
+
+    def wait_idle(self, timeout: float = 10.0) -> bool:
+        """Wait until no request is in flight on either endpoint: none being read, handled or answered,
+        none waiting to be accepted, no unread bytes on an open connection. A request whose client has
+        gone is still finished first, as the service does. False if ``timeout`` seconds pass first."""
+        deadline = time.monotonic() + timeout
+        servers = [s for s in (self._vault_server, self._identity_server) if s is not None]
+        while True:
+            if not all(server.wait_idle(deadline) for server in servers):
+                return False
+            if all(server.is_idle() for server in servers):
+                return True
 
     # -- what clients need ----------------------------------------------------------------------
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
+import ssl
 import stat
 import threading
 
@@ -130,3 +132,32 @@ def test_two_vaults_side_by_side_are_independent(key_client, unique_key_name):
         with pytest.raises(ResourceNotFoundError):
             key_client.get_key(unique_key_name)
         other_client.close()
+
+
+def _tls_to(vault: LocalVault) -> ssl.SSLSocket:
+    context = ssl.create_default_context(cafile=vault.ca_file)
+    return context.wrap_socket(
+        socket.create_connection(("127.0.0.1", vault.port), timeout=10), server_hostname="127.0.0.1"
+    )
+
+
+def test_wait_idle_waits_for_a_request_whose_client_has_gone(localvault, key_client, unique_key_name):
+    token = localvault.credential().get_token("https://vault.azure.net/.default").token
+    body = json.dumps({"kty": "RSA", "key_size": 4096}).encode()
+    head = (
+        f"POST /keys/{unique_key_name}/create?api-version=7.5 HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        f"Authorization: Bearer {token}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    with _tls_to(localvault) as conn:
+        conn.sendall(head + body[:5])
+        assert localvault.wait_idle(timeout=0.2) is False  # half a request is in flight
+        conn.sendall(body[5:])
+    # the client hung up without reading the answer; the vault still finishes the create
+    assert localvault.wait_idle() is True
+    assert [p.name for p in key_client.list_properties_of_key_versions(unique_key_name)] == [unique_key_name]
+
+
+def test_wait_idle_is_true_with_idle_keep_alive_connections(localvault, key_client, unique_key_name):
+    key_client.create_ec_key(unique_key_name)  # leaves a pooled keep-alive connection open
+    assert localvault.wait_idle(timeout=5) is True
