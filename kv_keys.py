@@ -7,6 +7,7 @@
 #     # for the embedded localvault, when run from the clone:
 #     "cryptography>=42.0.0",
 #     "PyJWT>=2.8.0",
+#     "isodate>=0.6.1",
 # ]
 # ///
 """Create, retrieve and delete a key in Azure Key Vault: Microsoft's keys quickstart, made safe.

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import threading
-import time
 import uuid
 from dataclasses import dataclass, field, replace
 from typing import Any, Dict, List, Optional, Tuple
@@ -15,6 +14,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from .clock import Clock
 from .exceptions import BadParameter, Conflict, KeyNotFound
 from .jwk import CURVES, PrivateKey, b64url_decode, b64url_encode, private_key_from_jwk, public_jwk
 
@@ -144,10 +144,13 @@ def key_from_jwk(jwk: Dict[str, Any], hsm: bool) -> Tuple[str, PrivateKey]:
 class KeyStore:
     """Keys, their versions and soft-deleted keys. Names compare case-insensitively."""
 
-    def __init__(self, retention_days: int = 90, backup_secret: Optional[bytes] = None) -> None:
+    def __init__(
+        self, retention_days: int = 90, backup_secret: Optional[bytes] = None, clock: Optional[Clock] = None
+    ) -> None:
         if not 7 <= retention_days <= 90:
             raise ValueError("retention_days must be between 7 and 90")
         self.retention_days = retention_days
+        self.clock = clock or Clock()
         self._aead = AESGCM(backup_secret or _PROCESS_BACKUP_SECRET)
         self._lock = threading.RLock()
         self._keys: Dict[str, KeyRecord] = {}
@@ -158,9 +161,11 @@ class KeyStore:
         return "Recoverable+Purgeable" if self.retention_days == 90 else "CustomizedRecoverable+Purgeable"
 
     def reset(self) -> None:
+        """Forget every key, version and deleted key, and put the clock back to real time."""
         with self._lock:
             self._keys.clear()
             self._deleted.clear()
+            self.clock.reset()
 
     # -- reading --------------------------------------------------------------------------------
 
@@ -229,7 +234,7 @@ class KeyStore:
         """Store a new version (create or import); the name keeps the case it was first given."""
         key_ops = validate_key_ops(key_ops)
         tags = validate_tags(tags)
-        now = int(time.time())
+        now = int(self.clock.now())
         with self._lock:
             self.check_name_free(name)
             record = self._keys.get(name.lower()) or KeyRecord(name=name)
@@ -265,7 +270,7 @@ class KeyStore:
         key_ops, tags = validate_key_ops(key_ops), validate_tags(tags)
         with self._lock:
             current = self.get(name, version)
-            changes: Dict[str, Any] = {"updated": int(time.time())}
+            changes: Dict[str, Any] = {"updated": int(self.clock.now())}
             for attr, value in (("key_ops", key_ops), ("enabled", enabled), ("nbf", nbf), ("exp", exp)):
                 if value is not None:
                     changes[attr] = value
@@ -276,7 +281,7 @@ class KeyStore:
             return updated
 
     def delete(self, name: str) -> DeletedKey:
-        now = int(time.time())
+        now = int(self.clock.now())
         with self._lock:
             record = self._record(name)
             deleted = DeletedKey(record, now, now + self.retention_days * SECONDS_PER_DAY)

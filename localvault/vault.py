@@ -12,6 +12,7 @@ import time
 from typing import Any, Dict, List, Optional
 
 from . import tls
+from .clock import Clock
 from .models import KeyStore
 from .server import IdentityServer, VaultServer
 from .tokens import VAULT_RESOURCE, TokenIssuer
@@ -49,7 +50,8 @@ class LocalVault:
     ) -> None:
         self.host = host.strip("[]")
         self._port, self._identity_port = port, identity_port
-        self.store = KeyStore(retention_days=retention_days, backup_secret=backup_secret)
+        self.clock = Clock()
+        self.store = KeyStore(retention_days=retention_days, backup_secret=backup_secret, clock=self.clock)
         self.issuer = TokenIssuer()
         self._identity_secret = secrets.token_urlsafe(24)
         self._dir: Optional[str] = None
@@ -118,7 +120,7 @@ class LocalVault:
         self.stop()
 
     def reset(self) -> None:
-        """Forget every key, version and deleted key."""
+        """Forget every key, version and deleted key, and put the clock back to real time."""
         self.store.reset()
 
     def wait_idle(self, timeout: float = 10.0) -> bool:

@@ -161,3 +161,16 @@ def test_wait_idle_waits_for_a_request_whose_client_has_gone(localvault, key_cli
 def test_wait_idle_is_true_with_idle_keep_alive_connections(localvault, key_client, unique_key_name):
     key_client.create_ec_key(unique_key_name)  # leaves a pooled keep-alive connection open
     assert localvault.wait_idle(timeout=5) is True
+
+
+def test_clock_moves_the_vaults_time_and_reset_returns_it(localvault, key_client, unique_key_name):
+    before = key_client.create_ec_key(unique_key_name).properties.created_on
+    assert localvault.clock.advance(days=30) == 30 * 86400
+    moved = key_client.create_ec_key(unique_key_name).properties.created_on
+    assert (moved - before).days in (29, 30)  # 30 days on, less what the first create took
+    with pytest.raises(ValueError):
+        localvault.clock.advance(seconds=-1)
+    localvault.reset()
+    assert localvault.clock.offset == 0
+    back = key_client.create_ec_key(unique_key_name).properties.created_on
+    assert (back - before).days == 0

@@ -1,0 +1,51 @@
+"""The vault's clock: real time plus an offset that tests move forward.
+
+Everything the vault stamps or schedules (created and updated dates, nbf and exp checks, deletion and
+purge dates, rotation) reads this clock; tokens and TLS certificates stay on real time, so moving it
+never breaks authentication. The store catches up with a moved clock when it is next asked, not
+through timer threads.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from datetime import timedelta
+
+
+class Clock:
+    def __init__(self, offset: float = 0.0) -> None:
+        self._offset = offset
+        self._lock = threading.Lock()
+
+    @property
+    def offset(self) -> float:
+        """Seconds the vault's time is ahead of real time."""
+        return self._offset
+
+    def now(self) -> float:
+        """The vault's time, as Unix seconds."""
+        return time.time() + self._offset
+
+    def advance(
+        self,
+        delta: timedelta | None = None,
+        *,
+        days: float = 0,
+        hours: float = 0,
+        minutes: float = 0,
+        seconds: float = 0,
+    ) -> float:
+        """Move the vault's time forward, e.g. ``advance(days=30)``; returns the new offset.
+        Time never goes back: a negative step raises ValueError."""
+        step = (delta or timedelta()) + timedelta(days=days, hours=hours, minutes=minutes, seconds=seconds)
+        if step < timedelta():
+            raise ValueError("the vault's clock only moves forward")
+        with self._lock:
+            self._offset += step.total_seconds()
+            return self._offset
+
+    def reset(self) -> None:
+        """Back to real time."""
+        with self._lock:
+            self._offset = 0.0
