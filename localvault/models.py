@@ -145,11 +145,16 @@ class KeyStore:
     """Keys, their versions and soft-deleted keys. Names compare case-insensitively."""
 
     def __init__(
-        self, retention_days: int = 90, backup_secret: Optional[bytes] = None, clock: Optional[Clock] = None
+        self,
+        retention_days: int = 90,
+        backup_secret: Optional[bytes] = None,
+        clock: Optional[Clock] = None,
+        managed_hsm: bool = False,
     ) -> None:
         if not 7 <= retention_days <= 90:
             raise ValueError("retention_days must be between 7 and 90")
         self.retention_days = retention_days
+        self.managed_hsm = managed_hsm  # a Managed HSM rather than a Premium key vault
         self.clock = clock or Clock()
         self._aead = AESGCM(backup_secret or _PROCESS_BACKUP_SECRET)
         self._lock = threading.RLock()

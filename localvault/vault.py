@@ -47,11 +47,18 @@ class LocalVault:
         identity_port: int = 0,
         retention_days: int = 90,
         backup_secret: Optional[bytes] = None,
+        managed_hsm: bool = False,
     ) -> None:
         self.host = host.strip("[]")
         self._port, self._identity_port = port, identity_port
         self.clock = Clock()
-        self.store = KeyStore(retention_days=retention_days, backup_secret=backup_secret, clock=self.clock)
+        self.managed_hsm = managed_hsm
+        self.store = KeyStore(
+            retention_days=retention_days,
+            backup_secret=backup_secret,
+            clock=self.clock,
+            managed_hsm=managed_hsm,
+        )
         self.issuer = TokenIssuer()
         self._identity_secret = secrets.token_urlsafe(24)
         self._dir: Optional[str] = None
