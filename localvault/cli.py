@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import errno
 import logging
+import os
 import shlex
 import signal
 import sys
@@ -24,9 +25,15 @@ def _retention(text: str) -> int:
     return days
 
 
-def build_parser() -> argparse.ArgumentParser:
+def prog_name() -> str:
+    """The command this was run as: ``localvault`` (the console script) or ``python -m localvault``."""
+    name = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    return "python -m localvault" if name in ("", "-c", "__main__.py") else name
+
+
+def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m localvault",
+        prog=prog or prog_name(),
         description=(
             "Serve an Azure Key Vault (keys API) over HTTPS on this machine, with a managed-identity "
             "token endpoint, so the real azure-keyvault-keys SDK and DefaultAzureCredential work "
@@ -87,8 +94,8 @@ def read_exports(lines: Iterable[str]) -> Dict[str, str]:
     return exports
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: Optional[List[str]] = None, prog: Optional[str] = None) -> int:
+    args = build_parser(prog).parse_args(argv)
     if args.verbose:
         logging.basicConfig(level=logging.DEBUG, format="localvault: %(message)s", stream=sys.stderr)
     if not is_loopback(args.host):
