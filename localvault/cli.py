@@ -65,12 +65,19 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
         metavar="DAYS",
         help="soft-delete retention, 7 to 90 days (default: %(default)s)",
     )
+    parser.add_argument(
+        "--managed-hsm",
+        action="store_true",
+        help="behave as a Managed HSM (tokens for https://managedhsm.azure.net, oct-HSM keys, random "
+        "bytes) instead of a Premium key vault",
+    )
     parser.add_argument("--verbose", action="store_true", help="log every request on stderr")
     return parser
 
 
 def exports(vault: LocalVault) -> List[str]:
-    lines = [f"# localvault: Azure Key Vault (keys) at {vault.url}; tokens from {vault.identity_endpoint}"]
+    kind = "Managed HSM" if vault.managed_hsm else "Azure Key Vault"
+    lines = [f"# localvault: {kind} (keys) at {vault.url}; tokens from {vault.identity_endpoint}"]
     lines += [f"export {name}={shlex.quote(value)}" for name, value in vault.environ().items()]
     lines += [
         f"# CA certificate to trust: {vault.ca_file}",
@@ -104,7 +111,11 @@ def main(argv: Optional[List[str]] = None, prog: Optional[str] = None) -> int:
             file=sys.stderr,
         )
     vault = LocalVault(
-        host=args.host, port=args.port, identity_port=args.identity_port, retention_days=args.retention_days
+        host=args.host,
+        port=args.port,
+        identity_port=args.identity_port,
+        retention_days=args.retention_days,
+        managed_hsm=args.managed_hsm,
     )
     try:
         vault.start()

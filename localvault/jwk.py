@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 from typing import Any, Dict, Union
 
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from .exceptions import BadParameter
 
-PrivateKey = Union[rsa.RSAPrivateKey, ec.EllipticCurvePrivateKey]
+# An oct key is the bytes of its AES key.
+PrivateKey = Union[rsa.RSAPrivateKey, ec.EllipticCurvePrivateKey, bytes]
 
 CURVES: Dict[str, ec.EllipticCurve] = {
     "P-256": ec.SECP256R1(),
@@ -19,6 +21,7 @@ CURVES: Dict[str, ec.EllipticCurve] = {
     "P-521": ec.SECP521R1(),
 }
 _CURVE_NAMES = {type(curve).__name__: name for name, curve in CURVES.items()}
+_BASE64URL = re.compile(r"^[A-Za-z0-9_-]*={0,2}$")
 
 
 def b64url_encode(data: bytes) -> str:
@@ -28,6 +31,8 @@ def b64url_encode(data: bytes) -> str:
 def b64url_decode(text: str) -> bytes:
     if not isinstance(text, str):
         raise BadParameter("Expected a base64url-encoded string.")
+    if not _BASE64URL.match(text) or len(text.rstrip("=")) % 4 == 1:
+        raise BadParameter("The value is not valid base64url.")
     try:
         return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
     except (binascii.Error, ValueError):
@@ -54,7 +59,9 @@ def curve_name(key: ec.EllipticCurvePrivateKey) -> str:
 
 
 def public_jwk(key: PrivateKey) -> Dict[str, str]:
-    """The public members only: ``n``/``e`` or ``crv``/``x``/``y``."""
+    """The public members only: ``n``/``e`` or ``crv``/``x``/``y``; none for an oct key."""
+    if isinstance(key, bytes):
+        return {}
     if isinstance(key, rsa.RSAPrivateKey):
         numbers = key.public_key().public_numbers()
         return {"n": _int_to_b64(numbers.n), "e": _int_to_b64(numbers.e)}
@@ -64,7 +71,12 @@ def public_jwk(key: PrivateKey) -> Dict[str, str]:
 
 
 def private_key_from_jwk(jwk: Dict[str, Any], family: str) -> PrivateKey:
-    """Build a private key from an imported JWK; ``family`` is ``RSA`` or ``EC``."""
+    """Build a private key from an imported JWK; ``family`` is ``RSA``, ``EC`` or ``oct``."""
+    if family == "oct":
+        secret = b64url_decode(jwk["k"]) if isinstance(jwk.get("k"), str) else b""
+        if len(secret) not in (16, 24, 32):
+            raise BadParameter("The JSON Web Key's 'k' must be an AES key of 128, 192 or 256 bits.")
+        return secret
     try:
         if family == "RSA":
             n, e, d = _b64_to_int(jwk, "n"), _b64_to_int(jwk, "e"), _b64_to_int(jwk, "d")

@@ -14,11 +14,12 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from . import crypto
 from .clock import Clock
-from .exceptions import BadParameter, Conflict, KeyNotFound
+from .exceptions import BadParameter, Conflict, Forbidden, KeyNotFound
 from .jwk import CURVES, PrivateKey, b64url_decode, b64url_encode, private_key_from_jwk, public_jwk
 
-KEY_TYPES = {"RSA": "RSA", "RSA-HSM": "RSA", "EC": "EC", "EC-HSM": "EC"}
+KEY_TYPES = {"RSA": "RSA", "RSA-HSM": "RSA", "EC": "EC", "EC-HSM": "EC", "oct": "oct", "oct-HSM": "oct"}
 MANAGED_HSM_TYPES = {"oct", "oct-HSM"}
 RSA_SIZES = (2048, 3072, 4096)
 RSA_EXPONENTS = (3, 65537)
@@ -26,6 +27,7 @@ KEY_OPS = ("encrypt", "decrypt", "sign", "verify", "wrapKey", "unwrapKey", "impo
 DEFAULT_OPS = {
     "RSA": ["encrypt", "decrypt", "sign", "verify", "wrapKey", "unwrapKey"],
     "EC": ["sign", "verify"],
+    "oct": ["encrypt", "decrypt", "sign", "verify", "wrapKey", "unwrapKey"],
 }
 MAX_TAGS = 15
 SECONDS_PER_DAY = 86400
@@ -99,10 +101,10 @@ def validate_tags(tags: Optional[Dict[str, str]]) -> Optional[Dict[str, str]]:
     return dict(tags)
 
 
-def _check_kty(kty: Any) -> str:
+def _check_kty(kty: Any, managed_hsm: bool) -> str:
     if not isinstance(kty, str):
         raise BadParameter("The key type (kty) must be a string.")
-    if kty in MANAGED_HSM_TYPES:
+    if kty in MANAGED_HSM_TYPES and not managed_hsm:
         raise BadParameter(f"Key type '{kty}' is only supported by Managed HSM, not by a key vault.")
     if kty not in KEY_TYPES:
         raise BadParameter(f"Invalid key type: {kty!r}. Supported key types: {', '.join(KEY_TYPES)}.")
@@ -110,10 +112,17 @@ def _check_kty(kty: Any) -> str:
 
 
 def generate_key(
-    kty: str, key_size: Optional[int], public_exponent: Optional[int], crv: Optional[str]
+    kty: str,
+    key_size: Optional[int],
+    public_exponent: Optional[int],
+    crv: Optional[str],
+    managed_hsm: bool = False,
 ) -> PrivateKey:
-    """Generate a private key as a Premium vault would; raises BadParameter for what it rejects."""
-    if KEY_TYPES[_check_kty(kty)] == "RSA":
+    """Generate a private key as a Premium vault (or a Managed HSM) would; BadParameter for what it rejects."""
+    family = KEY_TYPES[_check_kty(kty, managed_hsm)]
+    if family == "oct":
+        return crypto.generate_symmetric_key(256 if key_size is None else key_size)
+    if family == "RSA":
         size = 2048 if key_size is None else key_size
         if size not in RSA_SIZES:
             raise BadParameter(f"Invalid key size: {size}. RSA keys must be 2048, 3072 or 4096 bits.")
@@ -127,13 +136,13 @@ def generate_key(
     return ec.generate_private_key(CURVES[curve])
 
 
-def key_from_jwk(jwk: Dict[str, Any], hsm: bool) -> Tuple[str, PrivateKey]:
+def key_from_jwk(jwk: Dict[str, Any], hsm: bool, managed_hsm: bool = False) -> Tuple[str, PrivateKey]:
     """The stored key type and private key for an imported JWK."""
-    kty = _check_kty(jwk.get("kty"))
+    kty = _check_kty(jwk.get("kty"), managed_hsm)
     if jwk.get("key_hsm"):
         raise BadParameter("Bring-your-own-key import (key_hsm) is not supported.")
     family = KEY_TYPES[kty]
-    if "d" not in jwk:
+    if family != "oct" and "d" not in jwk:
         raise BadParameter("The JSON Web Key has no private key material; import needs the private key.")
     key = private_key_from_jwk(jwk, family)
     if isinstance(key, rsa.RSAPrivateKey) and key.key_size not in RSA_SIZES:
@@ -189,6 +198,31 @@ class KeyStore:
             if found is None:
                 raise KeyNotFound.for_version(name, version)
             return found
+
+    def usable(self, name: str, version: str, operation: str) -> KeyVersion:
+        """The key version, if ``operation`` may use it now: allowed by its key_ops, enabled (for
+        operations on secret material) and inside its nbf..exp window (for encrypt, sign, wrapKey)."""
+        key = self.get(name, version)
+        if operation not in key.key_ops:
+            raise Forbidden(
+                f"Operation {operation} is not permitted on this key.", inner_code="KeyOperationForbidden"
+            )
+        if not key.enabled and crypto.needs_private_part(key.private_key, operation):
+            raise Forbidden(
+                f"Operation {operation} is not allowed on a disabled key.", inner_code="KeyDisabled"
+            )
+        if operation in crypto.WINDOWED_OPERATIONS:
+            now = self.clock.now()
+            if key.nbf is not None and now < key.nbf:
+                raise Forbidden(
+                    f"Operation {operation} is not allowed on a key that is not yet valid (nbf).",
+                    inner_code="KeyNotYetValid",
+                )
+            if key.exp is not None and now >= key.exp:
+                raise Forbidden(
+                    f"Operation {operation} is not allowed on an expired key.", inner_code="KeyExpired"
+                )
+        return key
 
     def list_keys(self, after: str, limit: int) -> Tuple[List[KeyVersion], Optional[str]]:
         """Latest versions of keys whose lower-case name sorts after ``after``; and the next marker."""
@@ -316,13 +350,7 @@ class KeyStore:
                 {
                     "version": v.version,
                     "kty": v.kty,
-                    "pkcs8": b64url_encode(
-                        v.private_key.private_bytes(
-                            serialization.Encoding.DER,
-                            serialization.PrivateFormat.PKCS8,
-                            serialization.NoEncryption(),
-                        )
-                    ),
+                    **_sealed_key_material(v.private_key),
                     "key_ops": v.key_ops,
                     "enabled": v.enabled,
                     "created": v.created,
@@ -339,6 +367,8 @@ class KeyStore:
 
     def restore(self, blob: bytes) -> KeyVersion:
         record = self._open_backup(blob)
+        if not self.managed_hsm and record.current().family == "oct":
+            raise BadParameter("This backup holds an oct key, which only a Managed HSM can restore.")
         with self._lock:
             self.check_name_free(record.name)
             if record.name.lower() in self._keys:
@@ -360,6 +390,23 @@ class KeyStore:
             raise invalid from None
         record = KeyRecord(name=data["name"], latest=data["latest"])
         for v in data["versions"]:
-            key = serialization.load_der_private_key(b64url_decode(v.pop("pkcs8")), password=None)
+            key = _opened_key_material(v)
             record.versions[v["version"]] = KeyVersion(name=record.name, private_key=key, **v)
         return record
+
+
+def _sealed_key_material(key: PrivateKey) -> Dict[str, str]:
+    """The private key, as backups hold it: PKCS#8 for RSA and EC, the raw bytes for oct."""
+    if isinstance(key, bytes):
+        return {"oct": b64url_encode(key)}
+    der = key.private_bytes(
+        serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    return {"pkcs8": b64url_encode(der)}
+
+
+def _opened_key_material(version: Dict[str, Any]) -> PrivateKey:
+    """Inverse of _sealed_key_material; removes the key material from ``version``."""
+    if "oct" in version:
+        return b64url_decode(version.pop("oct"))
+    return serialization.load_der_private_key(b64url_decode(version.pop("pkcs8")), password=None)  # type: ignore[return-value]

@@ -9,6 +9,9 @@ Fixtures:
 - ``key_client``: a ``KeyClient`` for that vault using ``DefaultAzureCredential``, which gets its tokens
   from the vault's managed-identity endpoint (environment and workload identity are excluded, so a
   developer's Azure variables cannot send a test to Microsoft Entra ID).
+- ``crypto_client``: a factory, ``crypto_client(key_or_id)``, of ``CryptographyClient``s for keys of that
+  vault (a ``KeyVaultKey``, a key id or a key name), with the same credential as ``key_client``;
+  closed after the test.
 - ``unique_key_name``: a key name no other test uses.
 """
 
@@ -17,7 +20,7 @@ from __future__ import annotations
 import os
 import re
 import uuid
-from typing import Iterator
+from typing import Any, Callable, Iterator, List
 
 import pytest
 
@@ -48,20 +51,41 @@ def localvault(localvault_session: LocalVault) -> LocalVault:
     return localvault_session
 
 
-@pytest.fixture
-def key_client(localvault: LocalVault) -> Iterator[object]:
+def _managed_identity_credential() -> Any:
     from azure.identity import DefaultAzureCredential
 
     # Environment and workload identity come before managed identity in the chain; a developer's
     # AZURE_CLIENT_SECRET must not send the test to Microsoft Entra ID.
-    credential = DefaultAzureCredential(
+    return DefaultAzureCredential(
         exclude_environment_credential=True, exclude_workload_identity_credential=True
     )
+
+
+@pytest.fixture
+def key_client(localvault: LocalVault) -> Iterator[object]:
+    credential = _managed_identity_credential()
     client = localvault.key_client(credential=credential)
     try:
         yield client
     finally:
         client.close()
+        credential.close()
+
+
+@pytest.fixture
+def crypto_client(localvault: LocalVault) -> Iterator[Callable[[Any], Any]]:
+    credential = _managed_identity_credential()
+    clients: List[Any] = []
+
+    def make(key: Any) -> Any:
+        clients.append(localvault.crypto_client(key, credential=credential))
+        return clients[-1]
+
+    try:
+        yield make
+    finally:
+        for client in clients:
+            client.close()
         credential.close()
 
 

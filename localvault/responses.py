@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 from urllib.parse import quote
 
+from . import crypto
 from .exceptions import BadParameter, VaultError
 from .jwk import b64url_decode, b64url_encode
 from .models import DeletedKey, KeyStore, KeyVersion, generate_key, key_from_jwk
@@ -116,6 +117,8 @@ def _attributes_json(req: Request, key: KeyVersion) -> Dict[str, Any]:
     )
     if key.family == "RSA":
         attributes["key_size"] = key.private_key.key_size
+    elif key.family == "oct":
+        attributes["key_size"] = len(key.private_key) * 8
     return attributes
 
 
@@ -125,8 +128,12 @@ def _with_tags(data: Dict[str, Any], key: KeyVersion) -> Dict[str, Any]:
     return data
 
 
+def key_id(req: Request, key: KeyVersion) -> str:
+    return f"{req.base_url}/keys/{key.name}/{key.version}"
+
+
 def key_bundle(req: Request, key: KeyVersion) -> Dict[str, Any]:
-    jwk = {"kid": f"{req.base_url}/keys/{key.name}/{key.version}", "kty": key.kty, "key_ops": key.key_ops}
+    jwk = {"kid": key_id(req, key), "kty": key.kty, "key_ops": key.key_ops}
     jwk.update(key.jwk)
     return _with_tags({"key": jwk, "attributes": _attributes_json(req, key)}, key)
 
@@ -195,7 +202,11 @@ def create_key(req: Request, name: str) -> Response:
     # Generating is slow, so it happens before the store is locked; the store re-checks the name.
     req.store.check_name_free(name)
     private_key = generate_key(
-        kty, _field(body, "key_size", int), _field(body, "public_exponent", int), _field(body, "crv", str)
+        kty,
+        _field(body, "key_size", int),
+        _field(body, "public_exponent", int),
+        _field(body, "crv", str),
+        managed_hsm=req.store.managed_hsm,
     )
     key = req.store.add_version(name, kty, private_key, key_ops=key_ops, tags=tags, **attributes)
     return 200, key_bundle(req, key)
@@ -211,7 +222,7 @@ def import_key(req: Request, name: str) -> Response:
         _field(jwk, member, str)
     hsm = bool(_field(body, "Hsm", bool))
     key_ops, tags, attributes = _key_ops(jwk), _tags(body), _attributes(body)
-    kty, private_key = key_from_jwk(jwk, hsm)
+    kty, private_key = key_from_jwk(jwk, hsm, managed_hsm=req.store.managed_hsm)
     key = req.store.add_version(name, kty, private_key, key_ops=key_ops, tags=tags, **attributes)
     return 200, key_bundle(req, key)
 
@@ -274,8 +285,107 @@ def restore_key(req: Request) -> Response:
     return 200, key_bundle(req, req.store.restore(blob))
 
 
-def not_emulated(req: Request, **_: str) -> Response:
-    raise NotEmulated(
-        "This operation (cryptographic operations, rotation, release, attestation, random bytes) "
-        "is not emulated by localvault yet."
+# -- cryptographic operations ----------------------------------------------------------------------
+
+
+def _bytes(body: Dict[str, Any], name: str, required: bool = False) -> Optional[bytes]:
+    """A base64url member, decoded; a required one must not be empty."""
+    raw = _field(body, name, str, required=required)
+    if raw is None:
+        return None
+    data = b64url_decode(raw)
+    if required and not data:
+        raise BadParameter(f"The parameter '{name}' must not be empty.")
+    return data
+
+
+def _operation(req: Request, name: str, version: str, operation: str) -> Tuple[KeyVersion, str, bytes]:
+    """The key (if it may do ``operation`` now), the algorithm and the decoded value."""
+    _name(name)
+    body = req.json()
+    alg = _field(body, "alg", str, required=True)
+    value = _bytes(body, "value", required=True)
+    return req.store.usable(name, version, operation), alg, value  # type: ignore[return-value]
+
+
+def _result(req: Request, key: KeyVersion, value: bytes) -> Dict[str, Any]:
+    return {"kid": key_id(req, key), "value": b64url_encode(value)}
+
+
+def encrypt(req: Request, name: str, version: str = "") -> Response:
+    key, alg, plaintext = _operation(req, name, version, "encrypt")
+    body = req.json()
+    aad = _bytes(body, "aad")
+    encrypted = crypto.encrypt(key.private_key, alg, plaintext, iv=_bytes(body, "iv"), aad=aad)
+    result = _result(req, key, encrypted.value)
+    for member, value in (("iv", encrypted.iv), ("tag", encrypted.tag), ("aad", aad)):
+        if value is not None:
+            result[member] = b64url_encode(value)
+    return 200, result
+
+
+def decrypt(req: Request, name: str, version: str = "") -> Response:
+    key, alg, ciphertext = _operation(req, name, version, "decrypt")
+    body = req.json()
+    plaintext = crypto.decrypt(
+        key.private_key,
+        alg,
+        ciphertext,
+        iv=_bytes(body, "iv"),
+        tag=_bytes(body, "tag"),
+        aad=_bytes(body, "aad"),
     )
+    return 200, _result(req, key, plaintext)
+
+
+def wrap_key(req: Request, name: str, version: str = "") -> Response:
+    key, alg, value = _operation(req, name, version, "wrapKey")
+    return 200, _result(req, key, crypto.wrap_key(key.private_key, alg, value))
+
+
+def unwrap_key(req: Request, name: str, version: str = "") -> Response:
+    key, alg, value = _operation(req, name, version, "unwrapKey")
+    return 200, _result(req, key, crypto.unwrap_key(key.private_key, alg, value))
+
+
+def sign(req: Request, name: str, version: str = "") -> Response:
+    key, alg, digest = _operation(req, name, version, "sign")
+    return 200, _result(req, key, crypto.sign(key.private_key, alg, digest))
+
+
+def verify(req: Request, name: str, version: str = "") -> Response:
+    key, alg, signature = _operation(req, name, version, "verify")
+    digest = _bytes(req.json(), "digest", required=True)
+    return 200, {"value": crypto.verify(key.private_key, alg, digest, signature)}  # type: ignore[arg-type]
+
+
+def release_key(req: Request, name: str, version: str = "") -> Response:
+    _name(name)
+    body = req.json()
+    if not _field(body, "target", str, required=True):
+        raise BadParameter("The parameter 'target' must not be empty.")
+    key = req.store.get(name, version)
+    # Only exportable keys (with a release policy) can be released; localvault makes none.
+    raise BadParameter(
+        f"Key {key.name} is not exportable: only a key created exportable, with a release policy, "
+        "can be released."
+    )
+
+
+def get_key_attestation(req: Request, name: str, version: str = "") -> Response:
+    key = req.store.get(_name(name), version)
+    raise BadParameter(
+        f"Key {key.name} has no attestation: attestation needs the HSM's attestation service, "
+        "which localvault does not have."
+    )
+
+
+def get_random_bytes(req: Request) -> Response:
+    if not req.store.managed_hsm:
+        raise BadParameter("Random bytes (POST /rng) are served by a Managed HSM only, not by a key vault.")
+    count = _field(req.json(), "count", int, required=True)
+    return 200, {"value": b64url_encode(crypto.random_bytes(count))}
+
+
+def not_emulated(req: Request, **_: str) -> Response:
+    raise NotEmulated("Key rotation and rotation policies are not emulated by localvault yet.")

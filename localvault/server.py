@@ -21,7 +21,7 @@ from . import urls
 from .exceptions import BadParameter, PayloadTooLarge, Unauthorized, VaultError
 from .models import KeyStore
 from .responses import Request
-from .tokens import TENANT_ID, VAULT_RESOURCE, TokenIssuer
+from .tokens import MANAGED_HSM_RESOURCE, TENANT_ID, VAULT_RESOURCE, TokenIssuer
 
 log = logging.getLogger("localvault")
 
@@ -30,12 +30,18 @@ LATEST_API_VERSION = API_VERSIONS[-1]
 MAX_BODY = 256 * 1024
 MAX_DRAIN = 16 * 1024 * 1024
 IDLE_TIMEOUT = 120.0
-CHALLENGE = (
-    f'Bearer authorization="https://login.microsoftonline.com/{TENANT_ID}", resource="{VAULT_RESOURCE}"'
-)
+
+
+def challenge(resource: str) -> str:
+    return f'Bearer authorization="https://login.microsoftonline.com/{TENANT_ID}", resource="{resource}"'
+
+
+CHALLENGE = challenge(VAULT_RESOURCE)
+MANAGED_HSM_CHALLENGE = challenge(MANAGED_HSM_RESOURCE)
 MISSING_TOKEN = "AKV10000: Request is missing a Bearer, PoP, or MTLS_POP token."
 INVALID_TOKEN = "The access token is invalid: its signature, audience or expiry could not be verified."
 VAULT_AUDIENCES = (VAULT_RESOURCE, VAULT_RESOURCE + "/")
+MANAGED_HSM_AUDIENCES = (MANAGED_HSM_RESOURCE, MANAGED_HSM_RESOURCE + "/")
 SERVICE_HEADERS = {
     "Cache-Control": "no-cache",
     "Pragma": "no-cache",
@@ -318,14 +324,17 @@ class VaultHandler(_Handler):
         return route.handler(request, **params)
 
     def _authenticate(self, headers: Dict[str, str]) -> None:
+        managed_hsm = self.server.store.managed_hsm
         scheme, _, token = self.headers.get("Authorization", "").partition(" ")
         if scheme.lower() == "bearer" and token.strip():
-            if self.server.issuer.verify(token.strip(), VAULT_AUDIENCES):
+            if self.server.issuer.verify(
+                token.strip(), MANAGED_HSM_AUDIENCES if managed_hsm else VAULT_AUDIENCES
+            ):
                 return
             message = INVALID_TOKEN
         else:
             message = MISSING_TOKEN
-        headers["WWW-Authenticate"] = CHALLENGE
+        headers["WWW-Authenticate"] = MANAGED_HSM_CHALLENGE if managed_hsm else CHALLENGE
         self.skip_body()
         raise Unauthorized(message)
 

@@ -10,6 +10,7 @@ from typing import Iterable, Optional, Union
 import jwt
 
 VAULT_RESOURCE = "https://vault.azure.net"
+MANAGED_HSM_RESOURCE = "https://managedhsm.azure.net"
 ISSUER = "https://localvault.invalid/"
 TENANT_ID = "00000000-0000-0000-0000-00000000abcd"
 TOKEN_LIFETIME = 3600

@@ -15,7 +15,7 @@ from . import tls
 from .clock import Clock
 from .models import KeyStore
 from .server import IdentityServer, VaultServer
-from .tokens import VAULT_RESOURCE, TokenIssuer
+from .tokens import MANAGED_HSM_RESOURCE, VAULT_RESOURCE, TokenIssuer
 
 LOOPBACK = "127.0.0.1"
 POLL_INTERVAL = 0.02  # how quickly stop() is noticed
@@ -35,6 +35,9 @@ class LocalVault:
 
     ``with LocalVault() as vault:`` starts it on 127.0.0.1 with ephemeral ports and returns once
     both endpoints are listening; leaving the block stops it and joins every thread.
+
+    ``managed_hsm=True`` makes it a Managed HSM (tokens for ``https://managedhsm.azure.net``, oct-HSM
+    keys, ``/rng``); by default it is a Premium key vault.
 
     Backups are sealed with a key shared by the vaults of this process, so a backup restores into any
     of them; pass ``backup_secret`` (32 bytes) to give a vault a key of its own.
@@ -156,6 +159,11 @@ class LocalVault:
         return f"https://{host}:{self.port}"
 
     @property
+    def resource(self) -> str:
+        """The resource the vault's tokens are for: a key vault's or a Managed HSM's."""
+        return MANAGED_HSM_RESOURCE if self.managed_hsm else VAULT_RESOURCE
+
+    @property
     def identity_endpoint(self) -> str:
         assert self._identity_server is not None, "LocalVault is not started"
         return f"http://{LOOPBACK}:{self._identity_server.server_address[1]}/msi/token"
@@ -177,9 +185,21 @@ class LocalVault:
         """A ``KeyClient`` for this vault: TLS verified against ``ca_file``, tokens from this vault."""
         from azure.keyvault.keys import KeyClient
 
+        return KeyClient(self.url, credential or self.credential(), **self._sdk_options(kwargs))
+
+    def crypto_client(self, key: Any, credential: Any = None, **kwargs: Any) -> Any:
+        """A ``CryptographyClient`` for a key of this vault: a ``KeyVaultKey``, a key id, or a key name
+        (the latest version). TLS verified against ``ca_file``, tokens from this vault."""
+        from azure.keyvault.keys.crypto import CryptographyClient
+
+        if isinstance(key, str) and "/" not in key:
+            key = f"{self.url}/keys/{key}"
+        return CryptographyClient(key, credential or self.credential(), **self._sdk_options(kwargs))
+
+    def _sdk_options(self, kwargs: Dict[str, Any]) -> Dict[str, Any]:
         kwargs.setdefault("verify_challenge_resource", False)
         kwargs.setdefault("connection_verify", self.ca_file)
-        return KeyClient(self.url, credential or self.credential(), **kwargs)
+        return kwargs
 
 
 def _extra_ips(host: str) -> List[str]:
