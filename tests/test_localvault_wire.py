@@ -147,7 +147,7 @@ def test_unknown_path_and_wrong_method(raw, unique_key_name):
 
 def test_not_yet_emulated_operations_say_so(raw, unique_key_name):
     _create(raw, unique_key_name)
-    response = raw.request("POST", f"/keys/{unique_key_name}/rotate")
+    response = raw.request("POST", f"/keys/{unique_key_name}//sign", json={"alg": "ES256", "value": "AA"})
     assert response.status_code == 501
     assert "not emulated" in error_of(response)["message"]
 
