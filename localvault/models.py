@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import threading
@@ -46,6 +47,7 @@ MAX_DURATION_CHARS = 64
 # A clock moved far ahead makes at most this many versions of one key at once: the latest due ones.
 MAX_CATCH_UP_ROTATIONS = 32
 _MAX_DUE_STEPS = 100_000
+_parse_duration = functools.lru_cache(maxsize=256)(isodate.parse_duration)
 
 
 @dataclass
@@ -179,11 +181,12 @@ def add_duration(stamp: int, duration: str, name: str, sign: int = 1) -> int:
         if len(duration) > MAX_DURATION_CHARS:
             raise ValueError(duration)
         start = datetime.fromtimestamp(stamp, timezone.utc)
-        step = isodate.parse_duration(duration)
+        step = _parse_duration(duration)
         return int((start + step if sign > 0 else start - step).timestamp())
     except (ValueError, OverflowError, TypeError, ArithmeticError):  # isodate's ISO8601Error is a ValueError
         raise BadParameter(
-            f"Invalid {name}: {duration[:MAX_DURATION_CHARS]!r} is not an ISO 8601 duration such as P90D."
+            f"Invalid {name}: {duration[:MAX_DURATION_CHARS]!r} is not an ISO 8601 duration "
+            "the vault can use, such as P90D."
         ) from None
 
 
@@ -196,13 +199,13 @@ def default_rotation_policy(managed_hsm: bool) -> RotationPolicy:
 def make_rotation_policy(
     actions: List[LifetimeAction], expiry_time: Optional[str], managed_hsm: bool, now: int
 ) -> RotationPolicy:
-    """Check a policy as the service does; Key Vault adds the default Notify when none is given.
+    """Check a policy as the service does; Key Vault adds the default Notify when none is given, as
+    recorded service answers show.
 
-    Where keys.json and the service's documentation are silent the choices are: at most one Rotate and one
-    Notify (keys.json's preview limit); Notify only before expiry ("timeAfterCreate ... only applies to
-    rotate"); Rotate before expiry needs expiryTime (documented); every trigger at least 7 days and, with
-    an expiryTime, a Rotate trigger at most expiryTime less 7 days (documented: rotation at least 7 days
-    after creation and 7 days before expiry); months and years count from now.
+    From keys.json: at most one Rotate and one Notify; Notify is Key Vault only; timeAfterCreate applies to
+    Rotate only; expiryTime at least 28 days. From the service's documentation: Rotate before expiry needs
+    expiryTime; rotation at least 7 days after creation and 7 days before expiry. Chosen where both are
+    silent: a Notify trigger is at least 7 days too; months and years count from now.
     """
 
     def days(duration: str, name: str) -> float:
@@ -320,11 +323,15 @@ class KeyStore:
         dues: Deque[int] = deque(maxlen=MAX_CATCH_UP_ROTATIONS)
         created, exp = template.created, template.exp
         for _ in range(_MAX_DUE_STEPS):
-            due = self._rotation_due(policy, created, exp)
+            try:
+                due = self._rotation_due(policy, created, exp)
+                next_exp = None if due is None else self._rotated_exp(policy, due)
+            except VaultError:  # a date past the calendar's end: never due
+                break
             if due is None or due > now:
                 break
             dues.append(due)
-            created, exp = due, self._rotated_exp(policy, due)
+            created, exp = due, next_exp
         for due in dues:
             try:
                 private_key = regenerate_key(template)
