@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import random
 
 import isodate
 import pytest
@@ -17,7 +18,7 @@ from conftest import error_of
 
 from localvault import LocalVault
 from localvault.exceptions import BadParameter
-from localvault.models import MAX_CATCH_UP_ROTATIONS, LifetimeAction, generate_key
+from localvault.models import MAX_CATCH_UP_ROTATIONS, TRIGGERS, LifetimeAction, generate_key
 
 DAY = datetime.timedelta(days=1)
 ROTATE, NOTIFY = KeyRotationPolicyAction.rotate, KeyRotationPolicyAction.notify
@@ -214,6 +215,31 @@ def test_invalid_policies_are_400_and_change_nothing(raw, unique_key_name, body)
     assert response.status_code == 400, response.text
     assert error_of(response)["code"] == "BadParameter"
     assert raw.request("GET", f"/keys/{unique_key_name}/rotationpolicy").json() == before
+
+
+def _random_policy_part(rng, depth=0):
+    words = ["lifetimeActions", "trigger", "action", "type", "attributes", "expiryTime", *TRIGGERS]
+    values = ["Rotate", "notify", "P30D", "P1Y", "PT48H", "-P7D", "P", "", "P1M2D", 7, None, True, 1.5]
+    if depth > 3 or rng.random() < 0.4:
+        return rng.choice(values)
+    if rng.random() < 0.3:
+        return [_random_policy_part(rng, depth + 1) for _ in range(rng.randint(0, 3))]
+    return {rng.choice(words): _random_policy_part(rng, depth + 1) for _ in range(rng.randint(0, 3))}
+
+
+def test_random_policies_never_crash_the_server(raw, unique_key_name):
+    rng = random.Random(20261129)  # fixed seed: the same requests every run
+    raw.request("POST", f"/keys/{unique_key_name}/create", json={"kty": "EC"})
+    statuses = set()
+    for _ in range(300):
+        body = _random_policy_part(rng)
+        response = raw.request("PUT", f"/keys/{unique_key_name}/rotationpolicy", json=body)
+        assert response.status_code in (200, 400), (body, response.text)
+        if response.status_code == 400:
+            error_of(response)
+        statuses.add(response.status_code)
+    assert statuses == {200, 400}
+    assert raw.request("GET", f"/keys/{unique_key_name}").status_code == 200
 
 
 def test_invalid_policy_through_the_sdk(key_client, unique_key_name):
