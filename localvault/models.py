@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import threading
 import uuid
-from dataclasses import dataclass, field, replace
-from typing import Any, Dict, List, Optional, Tuple
+from collections import deque
+from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime, timezone
+from typing import Any, Deque, Dict, List, Optional, Tuple
 
+import isodate
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -16,7 +20,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from . import crypto
 from .clock import Clock
-from .exceptions import BadParameter, Conflict, Forbidden, KeyNotFound
+from .exceptions import BadParameter, Conflict, Forbidden, KeyNotFound, VaultError
 from .jwk import CURVES, PrivateKey, b64url_decode, b64url_encode, private_key_from_jwk, public_jwk
 
 KEY_TYPES = {"RSA": "RSA", "RSA-HSM": "RSA", "EC": "EC", "EC-HSM": "EC", "oct": "oct", "oct-HSM": "oct"}
@@ -34,6 +38,18 @@ SECONDS_PER_DAY = 86400
 _BACKUP_MAGIC = b"LVKB1"
 # Vaults in one process share a sealing key, as vaults in one Azure geography accept each other's backups.
 _PROCESS_BACKUP_SECRET = AESGCM.generate_key(bit_length=256)
+
+ROTATE, NOTIFY = "Rotate", "Notify"
+ACTION_TYPES = {"rotate": ROTATE, "notify": NOTIFY}  # keys.json: compared case-insensitively
+TIME_AFTER_CREATE, TIME_BEFORE_EXPIRY = "timeAfterCreate", "timeBeforeExpiry"
+TRIGGERS = (TIME_AFTER_CREATE, TIME_BEFORE_EXPIRY)
+MIN_EXPIRY_DAYS = 28  # keys.json: expiryTime "should be at least 28 days"
+MIN_TRIGGER_DAYS = 7  # service docs: rotation at least 7 days after creation and 7 days before expiry
+MAX_DURATION_CHARS = 64
+# A clock moved far ahead makes at most this many versions of one key at once: the latest due ones.
+MAX_CATCH_UP_ROTATIONS = 32
+_MAX_DUE_STEPS = 100_000
+_parse_duration = functools.lru_cache(maxsize=256)(isodate.parse_duration)
 
 
 @dataclass
@@ -64,11 +80,33 @@ class KeyVersion:
         return self.kty.endswith("-HSM")
 
 
+@dataclass(frozen=True)
+class LifetimeAction:
+    action: str  # ROTATE or NOTIFY
+    trigger: str  # TIME_AFTER_CREATE or TIME_BEFORE_EXPIRY
+    duration: str  # ISO-8601, as the client gave it
+
+
+@dataclass
+class RotationPolicy:
+    lifetime_actions: List[LifetimeAction]
+    expiry_time: Optional[str] = None
+    created: Optional[int] = None  # None: the default policy, never set
+    updated: Optional[int] = None
+
+    def rotate_action(self) -> Optional[LifetimeAction]:
+        return next((a for a in self.lifetime_actions if a.action == ROTATE), None)
+
+
+DEFAULT_NOTIFY = LifetimeAction(NOTIFY, TIME_BEFORE_EXPIRY, "P30D")
+
+
 @dataclass
 class KeyRecord:
     name: str
     versions: Dict[str, KeyVersion] = field(default_factory=dict)
     latest: str = ""
+    policy: Optional[RotationPolicy] = None  # None: the service's default policy
 
     def current(self) -> KeyVersion:
         return self.versions[self.latest]
@@ -136,6 +174,85 @@ def generate_key(
     return ec.generate_private_key(CURVES[curve])
 
 
+def regenerate_key(template: KeyVersion) -> PrivateKey:
+    """A fresh private key of the same type and size or curve (and public exponent) as ``template``."""
+    key = template.private_key
+    if isinstance(key, bytes):  # oct-HSM
+        return generate_key(template.kty, len(key) * 8, None, None, managed_hsm=True)  # only a Managed HSM has them
+    if isinstance(key, rsa.RSAPrivateKey):
+        return generate_key(template.kty, key.key_size, key.public_key().public_numbers().e, None)
+    return generate_key(template.kty, None, None, template.jwk["crv"])
+
+
+def add_duration(stamp: int, duration: str, name: str, sign: int = 1) -> int:
+    """``stamp`` (Unix seconds) plus (or, with sign -1, minus) an ISO-8601 duration such as ``P1Y10D``."""
+    try:
+        if len(duration) > MAX_DURATION_CHARS:
+            raise ValueError(duration)
+        start = datetime.fromtimestamp(stamp, timezone.utc)
+        step = _parse_duration(duration)
+        return int((start + step if sign > 0 else start - step).timestamp())
+    except (ValueError, OverflowError, TypeError, ArithmeticError):  # isodate's ISO8601Error is a ValueError
+        raise BadParameter(
+            f"Invalid {name}: {duration[:MAX_DURATION_CHARS]!r} is not an ISO 8601 duration "
+            "the vault can use, such as P90D."
+        ) from None
+
+
+def default_rotation_policy(managed_hsm: bool) -> RotationPolicy:
+    """A key's policy until one is set: Key Vault notifies 30 days before expiry; Managed HSM has no
+    Notify (keys.json: "Key Vault only"). Neither rotates."""
+    return RotationPolicy([] if managed_hsm else [DEFAULT_NOTIFY])
+
+
+def make_rotation_policy(
+    actions: List[LifetimeAction], expiry_time: Optional[str], managed_hsm: bool, now: int
+) -> RotationPolicy:
+    """Check a policy as the service does; Key Vault adds the default Notify when none is given, as
+    recorded service answers show.
+
+    From keys.json: at most one Rotate and one Notify; Notify is Key Vault only; timeAfterCreate applies to
+    Rotate only; expiryTime at least 28 days. From the service's documentation: Rotate before expiry needs
+    expiryTime; rotation at least 7 days after creation and 7 days before expiry. Chosen where both are
+    silent: a Notify trigger is at least 7 days too; months and years count from now.
+    """
+
+    def days(duration: str, name: str) -> float:
+        return (add_duration(now, duration, name) - now) / SECONDS_PER_DAY
+
+    expiry_days = None if expiry_time is None else days(expiry_time, "expiryTime")
+    if expiry_days is not None and expiry_days < MIN_EXPIRY_DAYS:
+        raise BadParameter(f"Invalid expiryTime: {expiry_time}. It must be at least {MIN_EXPIRY_DAYS} days.")
+    kinds = [a.action for a in actions]
+    if len(kinds) != len(set(kinds)):
+        raise BadParameter("A rotation policy has at most one Rotate and one Notify lifetime action.")
+    for action in actions:
+        if action.action == NOTIFY and managed_hsm:
+            raise BadParameter("Notify lifetime actions are supported by Key Vault only, not by Managed HSM.")
+        if action.action == NOTIFY and action.trigger != TIME_BEFORE_EXPIRY:
+            raise BadParameter("A Notify lifetime action can only be triggered by timeBeforeExpiry.")
+        if action.action == ROTATE and action.trigger == TIME_BEFORE_EXPIRY and expiry_time is None:
+            raise BadParameter("A Rotate action triggered by timeBeforeExpiry needs attributes.expiryTime.")
+        trigger_days = days(action.duration, action.trigger)
+        if trigger_days < MIN_TRIGGER_DAYS:
+            raise BadParameter(
+                f"Invalid {action.trigger}: {action.duration}. It must be at least {MIN_TRIGGER_DAYS} days."
+            )
+        if (
+            action.action == ROTATE
+            and expiry_days is not None
+            and trigger_days > expiry_days - MIN_TRIGGER_DAYS
+        ):
+            raise BadParameter(
+                f"Invalid {action.trigger}: {action.duration}. Rotation must come at least "
+                f"{MIN_TRIGGER_DAYS} days after creation and {MIN_TRIGGER_DAYS} days before expiry "
+                f"(expiryTime {expiry_time})."
+            )
+    if not managed_hsm and NOTIFY not in kinds:
+        actions = [*actions, DEFAULT_NOTIFY]
+    return RotationPolicy(list(actions), expiry_time, now, now)
+
+
 def key_from_jwk(jwk: Dict[str, Any], hsm: bool, managed_hsm: bool = False) -> Tuple[str, PrivateKey]:
     """The stored key type and private key for an imported JWK."""
     kty = _check_kty(jwk.get("kty"), managed_hsm)
@@ -181,6 +298,82 @@ class KeyStore:
             self._deleted.clear()
             self.clock.reset()
 
+    # -- the clock ------------------------------------------------------------------------------
+
+    def _catch_up(self) -> int:
+        """Bring the store up to the clock and return the time (lock held): due Rotate actions have made
+        their versions, as of their due times, and deleted keys past their scheduled purge date are gone.
+        Every read and write calls this first, so a moved clock takes effect when the vault is next asked."""
+        now = int(self.clock.now())
+        for record in self._keys.values():
+            if record.policy is not None and record.policy.rotate_action() is not None:
+                self._rotate_due(record, record.policy, now)
+        for lower in [n for n, d in self._deleted.items() if d.scheduled_purge_date <= now]:
+            del self._deleted[lower]
+        return now
+
+    @staticmethod
+    def _rotation_due(policy: RotationPolicy, created: int, exp: Optional[int]) -> Optional[int]:
+        """When the policy's Rotate action falls due for a latest version with these stamps."""
+        action = policy.rotate_action()
+        if action is None:
+            return None
+        if action.trigger == TIME_AFTER_CREATE:
+            due = add_duration(created, action.duration, action.trigger)
+        elif exp is None:
+            return None
+        else:
+            due = add_duration(exp, action.duration, action.trigger, sign=-1)
+        # a policy set late acts from when it was set, never on a version before its creation
+        return max(due, created + 1, policy.updated or 0)
+
+    def _rotate_due(self, record: KeyRecord, policy: RotationPolicy, now: int) -> None:
+        template = record.current()
+        dues: Deque[int] = deque(maxlen=MAX_CATCH_UP_ROTATIONS)
+        created, exp = template.created, template.exp
+        for _ in range(_MAX_DUE_STEPS):
+            try:
+                due = self._rotation_due(policy, created, exp)
+                next_exp = None if due is None else self._rotated_exp(policy, due)
+            except VaultError:  # a date past the calendar's end: never due
+                break
+            if due is None or due > now:
+                break
+            dues.append(due)
+            created, exp = due, next_exp
+        for due in dues:
+            try:
+                private_key = regenerate_key(template)
+            except VaultError:  # a key the vault cannot make again (e.g. an imported odd exponent)
+                return
+            self._add_rotated(record, template, private_key, due)
+
+    @staticmethod
+    def _rotated_exp(policy: Optional[RotationPolicy], created: int) -> Optional[int]:
+        if policy is None or policy.expiry_time is None:
+            return None
+        return add_duration(created, policy.expiry_time, "expiryTime")
+
+    def _add_rotated(
+        self, record: KeyRecord, template: KeyVersion, private_key: PrivateKey, created: int
+    ) -> KeyVersion:
+        version = replace(
+            template,
+            version=uuid.uuid4().hex,
+            private_key=private_key,
+            jwk={},
+            key_ops=list(template.key_ops),
+            enabled=True,
+            created=created,
+            updated=created,
+            nbf=None,
+            exp=self._rotated_exp(record.policy, created),
+            tags=None if template.tags is None else dict(template.tags),
+        )
+        record.versions[version.version] = version
+        record.latest = version.version
+        return version
+
     # -- reading --------------------------------------------------------------------------------
 
     def _record(self, name: str) -> KeyRecord:
@@ -191,6 +384,7 @@ class KeyStore:
 
     def get(self, name: str, version: str = "") -> KeyVersion:
         with self._lock:
+            self._catch_up()
             record = self._record(name)
             if not version:
                 return record.current()
@@ -227,12 +421,14 @@ class KeyStore:
     def list_keys(self, after: str, limit: int) -> Tuple[List[KeyVersion], Optional[str]]:
         """Latest versions of keys whose lower-case name sorts after ``after``; and the next marker."""
         with self._lock:
+            self._catch_up()
             names = sorted(n for n in self._keys if n > after)
             page = [self._keys[n].current() for n in names[:limit]]
         return page, (names[limit - 1] if len(names) > limit else None)
 
     def list_versions(self, name: str, after: str, limit: int) -> Tuple[List[KeyVersion], Optional[str]]:
         with self._lock:
+            self._catch_up()
             record = self._keys.get(name.lower())
             versions = sorted(v for v in (record.versions if record else ()) if v > after)
             page = [record.versions[v] for v in versions[:limit]] if record else []
@@ -240,12 +436,14 @@ class KeyStore:
 
     def list_deleted(self, after: str, limit: int) -> Tuple[List[DeletedKey], Optional[str]]:
         with self._lock:
+            self._catch_up()
             names = sorted(n for n in self._deleted if n > after)
             page = [self._deleted[n] for n in names[:limit]]
         return page, (names[limit - 1] if len(names) > limit else None)
 
     def get_deleted(self, name: str) -> DeletedKey:
         with self._lock:
+            self._catch_up()
             deleted = self._deleted.get(name.lower())
             if deleted is None:
                 raise KeyNotFound.deleted(name)
@@ -254,7 +452,9 @@ class KeyStore:
     # -- writing --------------------------------------------------------------------------------
 
     def check_name_free(self, name: str) -> None:
-        deleted = self._deleted.get(name.lower())
+        with self._lock:
+            self._catch_up()
+            deleted = self._deleted.get(name.lower())
         if deleted is not None:
             raise Conflict.deleted_but_recoverable(deleted.record.name)
 
@@ -273,8 +473,8 @@ class KeyStore:
         """Store a new version (create or import); the name keeps the case it was first given."""
         key_ops = validate_key_ops(key_ops)
         tags = validate_tags(tags)
-        now = int(self.clock.now())
         with self._lock:
+            now = self._catch_up()
             self.check_name_free(name)
             record = self._keys.get(name.lower()) or KeyRecord(name=name)
             version = KeyVersion(
@@ -320,8 +520,8 @@ class KeyStore:
             return updated
 
     def delete(self, name: str) -> DeletedKey:
-        now = int(self.clock.now())
         with self._lock:
+            now = self._catch_up()
             record = self._record(name)
             deleted = DeletedKey(record, now, now + self.retention_days * SECONDS_PER_DAY)
             del self._keys[name.lower()]
@@ -340,11 +540,44 @@ class KeyStore:
             self.get_deleted(name)
             del self._deleted[name.lower()]
 
+    # -- rotation -------------------------------------------------------------------------------
+
+    def rotate(self, name: str) -> KeyVersion:
+        """A new version now, like the latest in type, size or curve, key_ops and tags; its exp follows
+        the policy's expiryTime."""
+        template = self.get(name)
+        # Generating is slow, so it happens outside the lock, as for create.
+        private_key = regenerate_key(template)
+        with self._lock:
+            now = self._catch_up()
+            return self._add_rotated(self._record(name), template, private_key, now)
+
+    def get_rotation_policy(self, name: str) -> Tuple[str, RotationPolicy]:
+        """The key's name as stored, and its policy (the default until one is set)."""
+        with self._lock:
+            self._catch_up()
+            record = self._record(name)
+            return record.name, record.policy or default_rotation_policy(self.managed_hsm)
+
+    def set_rotation_policy(
+        self, name: str, actions: List[LifetimeAction], expiry_time: Optional[str]
+    ) -> Tuple[str, RotationPolicy]:
+        """Replace the key's policy (actions and expiryTime) after checking it as the service does."""
+        with self._lock:
+            now = self._catch_up()
+            record = self._record(name)
+            policy = make_rotation_policy(actions, expiry_time, self.managed_hsm, now)
+            if record.policy is not None:
+                policy.created = record.policy.created
+            record.policy = policy
+            return record.name, policy
+
     # -- backup and restore ---------------------------------------------------------------------
 
     def backup(self, name: str) -> bytes:
-        """All versions of a key, sealed with this vault's secret (AES-256-GCM)."""
+        """All versions of a key and its rotation policy, sealed with this vault's secret (AES-256-GCM)."""
         with self._lock:
+            self._catch_up()
             record = self._record(name)
             versions = [
                 {
@@ -361,7 +594,10 @@ class KeyStore:
                 }
                 for v in record.versions.values()
             ]
-            payload = json.dumps({"name": record.name, "latest": record.latest, "versions": versions})
+            policy = None if record.policy is None else asdict(record.policy)
+            payload = json.dumps(
+                {"name": record.name, "latest": record.latest, "versions": versions, "policy": policy}
+            )
         nonce = os.urandom(12)
         return _BACKUP_MAGIC + nonce + self._aead.encrypt(nonce, payload.encode(), _BACKUP_MAGIC)
 
@@ -370,6 +606,7 @@ class KeyStore:
         if not self.managed_hsm and record.current().family == "oct":
             raise BadParameter("This backup holds an oct key, which only a Managed HSM can restore.")
         with self._lock:
+            self._catch_up()
             self.check_name_free(record.name)
             if record.name.lower() in self._keys:
                 raise Conflict(
@@ -389,6 +626,9 @@ class KeyStore:
         except InvalidTag:
             raise invalid from None
         record = KeyRecord(name=data["name"], latest=data["latest"])
+        if data.get("policy") is not None:
+            actions = [LifetimeAction(**a) for a in data["policy"].pop("lifetime_actions")]
+            record.policy = RotationPolicy(actions, **data["policy"])
         for v in data["versions"]:
             key = _opened_key_material(v)
             record.versions[v["version"]] = KeyVersion(name=record.name, private_key=key, **v)

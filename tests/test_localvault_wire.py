@@ -145,13 +145,6 @@ def test_unknown_path_and_wrong_method(raw, unique_key_name):
     assert response.status_code == 405
 
 
-def test_not_yet_emulated_operations_say_so(raw, unique_key_name):
-    _create(raw, unique_key_name)
-    response = raw.request("POST", f"/keys/{unique_key_name}/rotate")
-    assert response.status_code == 501
-    assert "not emulated" in error_of(response)["message"]
-
-
 def test_purge_is_204_without_body(raw, unique_key_name):
     _create(raw, unique_key_name)
     raw.request("DELETE", f"/keys/{unique_key_name}")
