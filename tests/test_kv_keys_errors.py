@@ -9,6 +9,7 @@ import os
 import socket
 import ssl
 from pathlib import Path
+from typing import Any
 from unittest import mock
 
 import pytest
@@ -25,8 +26,11 @@ from conftest import (
     RECOVERABLE,
     VAULT,
     assert_one_error,
+    fake_deleted,
+    fake_key,
     forbidden,
     http_error,
+    not_found,
     run,
 )
 
@@ -237,3 +241,112 @@ def test_redaction_filter() -> None:
     record = logging.LogRecord("azure", logging.INFO, __file__, 1, '{"access_token": "eyJ0.x.y"}', None, None)
     kv_keys._Redact().filter(record)
     assert "eyJ0" not in record.getMessage()
+
+
+def test_verbose_log_redacts_tokens_on_the_azure_and_localvault_loggers(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # Fails if the redaction filter is not on the handler that --verbose puts on both loggers.
+    import logging
+
+    with kv_keys.sdk_logging(verbose=True):
+        logging.getLogger("azure.core.pipeline").info("'Authorization': 'Bearer eyJ0eXAi.abc-def_ghi'")
+        logging.getLogger("localvault.server").info(
+            'token answer: {"access_token": "eyJ0.x.y", "expires_on": 1}'
+        )
+        logging.getLogger("azure").info("%s", '{"access_token":"eyJ1.a.b"}')
+    err = capsys.readouterr().err
+    assert "azure.core.pipeline INFO: 'Authorization': 'Bearer REDACTED'" in err
+    assert 'localvault.server INFO: token answer: {"access_token": "REDACTED", "expires_on": 1}' in err
+    assert '{"access_token":"REDACTED"}' in err
+    assert "eyJ" not in err
+
+
+def test_401_from_a_loopback_vault_gets_a_localvault_hint(
+    client: mock.MagicMock, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("IDENTITY_ENDPOINT", "http://127.0.0.1:9/msi/token")
+    monkeypatch.setenv("IDENTITY_HEADER", "secret")
+    client.get_key.side_effect = http_error(ClientAuthenticationError, 401, "Unauthorized", "Invalid token.")
+    code, _, err = run(capsys, "--vault-url", "https://127.0.0.1:8443", "--name", NAME)
+    assert code == kv_keys.ExitStatus.AUTH
+    lines = assert_one_error(err)
+    assert (
+        lines[0]
+        == "error: https://127.0.0.1:8443 rejected the credential (HTTP 401): (Unauthorized) Invalid token."
+    )
+    assert lines[1] == (
+        "hint: the token came from another localvault's identity endpoint, or this localvault has restarted "
+        "since IDENTITY_ENDPOINT and IDENTITY_HEADER were set: run here the latest export lines that "
+        "`python -m localvault` printed"
+    )
+
+
+HSM = "https://my-hsm.managedhsm.azure.net"
+
+
+def test_managed_hsm_permission_hint_names_both_roles(
+    client: mock.MagicMock, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # "Managed HSM Crypto User" creates, gets, lists and deletes; only "Managed HSM Crypto Officer" purges or
+    # recovers deleted keys (Microsoft's list of Managed HSM local RBAC built-in roles).
+    client.purge_deleted_key.side_effect = forbidden("purge")
+    code, _, err = run(capsys, "--vault-url", HSM, "--name", NAME, "--purge")
+    assert code == kv_keys.ExitStatus.PERMISSION
+    hint = assert_one_error(err)[1]
+    assert '"Managed HSM Crypto User" (create, get, list, delete)' in hint
+    assert 'for --purge, "Managed HSM Crypto Officer"' in hint
+    assert "az keyvault role assignment create --hsm-name my-hsm" in hint
+
+
+@pytest.mark.parametrize(
+    ("url", "recover_needs", "purge_needs"),
+    [
+        (
+            None,
+            '(needs the key permission recover, or the role "Key Vault Crypto Officer")',
+            '(needs the key permission purge, or the role "Key Vault Crypto Officer")',
+        ),
+        (
+            HSM,
+            '(needs the role "Managed HSM Crypto Officer")',
+            '(needs the role "Managed HSM Crypto Officer")',
+        ),
+    ],
+)
+def test_recovery_hints_say_what_recovery_needs(
+    url: Any, recover_needs: str, purge_needs: str, client: mock.MagicMock, capsys: pytest.CaptureFixture[str]
+) -> None:
+    option = "--vault-name" if url is None else "--hsm-name"
+    where = VAULT if url is None else "my-hsm"
+    vault_args = [] if url is None else ["--vault-url", url]
+    recover = f"az keyvault key recover {option} {where} --name {NAME} {recover_needs}"
+
+    _, out, _ = run(capsys, *vault_args, "--name", NAME)  # the deletion's report
+    assert f"  to recover:  {recover}" in out.splitlines()
+
+    client.get_key.side_effect = [not_found(), fake_key()]
+    client.get_deleted_key.side_effect = None
+    client.get_deleted_key.return_value = fake_deleted()  # the name belongs to a deleted key
+    _, _, err = run(capsys, *vault_args, "--name", NAME)
+    hint = assert_one_error(err)[1]
+    assert f"recover it: {recover}" in hint
+    assert f"purge it for good: az keyvault key purge {option} {where} --name {NAME} {purge_needs}" in hint
+
+    client.get_deleted_key.side_effect = not_found()
+    client.get_key.side_effect = [not_found(), fake_key()]
+    client.purge_deleted_key.side_effect = http_error(
+        HttpResponseError, 403, "Forbidden", "Operation purge is not allowed: purge protection is enabled."
+    )
+    _, _, err = run(capsys, *vault_args, "--name", NAME, "--purge")
+    assert assert_one_error(err)[1].endswith(f"or get it back: {recover}")
+
+
+def test_localvault_recovery_hints_name_the_sdk_call_only() -> None:
+    vault = kv_keys.Vault(kind="url", url="https://127.0.0.1:8443", label="https://127.0.0.1:8443")
+    failure = kv_keys.soft_deleted_failure(vault, NAME, None)
+    assert (
+        f"recover it: KeyClient.begin_recover_deleted_key('{NAME}') on https://127.0.0.1:8443   or"
+        in failure.hint
+    )
+    assert "needs" not in failure.hint
