@@ -12,33 +12,25 @@
 # ///
 """Create, retrieve and delete a key in Azure Key Vault: Microsoft's keys quickstart, made safe.
 
-Steps, as in the quickstart (the functions below follow them in this order):
-    1. Build a client: KeyClient(vault_url, credential); the credential is DefaultAzureCredential() for
-       Azure and ManagedIdentityCredential() for localvault, which serves it.
+Steps, as in the quickstart; the functions below follow them in this order:
+    1. Build a client: KeyClient(vault_url, credential), with DefaultAzureCredential() for Azure and
+       ManagedIdentityCredential() for localvault, which serves it.
     2. Make sure the name is free: KeyClient.get_key(name) and KeyClient.get_deleted_key(name) must both
        raise ResourceNotFoundError.
-    3. Create the key: KeyClient.create_rsa_key(name, size=2048) (or create_ec_key(name, curve=...)), then
-       make sure it has no other version: KeyClient.list_properties_of_key_versions(name).
+    3. Create the key: KeyClient.create_rsa_key(name, size=2048) (or create_ec_key(name, curve=...)), and
+       check that it has no other version: KeyClient.list_properties_of_key_versions(name).
     4. Retrieve it: KeyClient.get_key(name).
     5. Delete it and wait until the deletion has finished: KeyClient.begin_delete_key(name).wait().
     6. With --purge, purge it so that the name can be used again: KeyClient.purge_deleted_key(name).
 
-What it adds to the quickstart: with no vault configured it starts localvault, the Key Vault emulator of
-this repository, in this process (nothing leaves this machine); it never touches a key it did not create;
-after a failure or Ctrl-C it deletes the key it created and says what is left; every error is one line
-with a hint and an exit code. A vault in Azure needs `az login` and the key permissions get, list, create
-and delete (purge too for --purge), or the role "Key Vault Crypto Officer"; README.md has the commands.
-
-Environment (an option wins over its variable):
-    KEY_VAULT_URL       the vault's URL: Azure, a Managed HSM, a sovereign cloud, a standalone localvault
-    KEY_VAULT_NAME      a vault in the Azure public cloud: https://NAME.vault.azure.net
-    LOCALVAULT_CA_FILE, IDENTITY_ENDPOINT, IDENTITY_HEADER
-                        a standalone localvault's CA and identity endpoint (`python -m localvault`)
-
-Usage:
-    python kv_keys.py                      # asks for a key name; Enter accepts the suggested one
-    python kv_keys.py --name my-first-key --purge
-    KEY_VAULT_NAME=my-vault python kv_keys.py --type ec --curve P-384
+With no vault configured it starts localvault, this repository's Key Vault emulator, in this process: nothing
+leaves this machine. It never touches a key it did not create; after a failure or Ctrl-C it deletes the key
+it created and says what is left; every error is one line with a hint and an exit code (see --help). Vault:
+--vault-url or KEY_VAULT_URL (Azure, a Managed HSM, a standalone localvault with LOCALVAULT_CA_FILE,
+IDENTITY_ENDPOINT and IDENTITY_HEADER), else KEY_VAULT_NAME (https://NAME.vault.azure.net). A vault in Azure
+needs `az login` and the key permissions get, list, create, delete (and purge for --purge); see README.md.
+Usage: python kv_keys.py [--name my-first-key] [--purge]   (without --name it asks; Enter takes the suggestion)
+       KEY_VAULT_NAME=my-vault python kv_keys.py --type ec --curve P-384
 """
 
 from __future__ import annotations
@@ -81,17 +73,14 @@ class ExitStatus(enum.IntEnum):
     SERVICE = 1, "unexpected service error, or a purge refused while the vault still finishes the deletion"
     USAGE = (
         2,
-        "usage or input error: bad option, invalid name or URL, end of input, no localvault, a non-local IDENTITY_ENDPOINT for a local vault",
+        "usage or input: bad option, name or URL, end of input, no localvault, a remote IDENTITY_ENDPOINT",
     )
     AUTH = 3, "authentication failed: no token (try `az login`, or localvault's latest export lines)"
     PERMISSION = 4, "permission denied (also: versions not listable, so not deleted), or purge protection"
     UNREACHABLE = 5, "vault not found or unreachable (DNS, connection, TLS, a missing LOCALVAULT_CA_FILE)"
     CONFLICT = 6, "name conflict: a key or a deleted key has this name, or the key got another version"
-    INTERRUPTED = (
-        130,
-        "interrupted (Ctrl-C); the key this run created is deleted, or the output says where it is",
-    )
-    STDOUT_CLOSED = 141, "stdout was closed early (e.g. `| head -1`): stopped quietly, after the same cleanup"
+    INTERRUPTED = 130, "interrupted (Ctrl-C): the key this run created is deleted, or the output names it"
+    STDOUT_CLOSED = 141, "stdout closed early (e.g. `| head -1`): stopped quietly after the same cleanup"
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -104,16 +93,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             args = parse_args(argv)
             verbose = args.verbose
             vault = choose_vault(args, os.environ)
-            if vault.kind == "embedded":
-                print(
-                    "Using localvault, a Key Vault emulator started in this process on 127.0.0.1 "
-                    f"({vault.source}): nothing leaves this machine."
-                )
             name = args.name or ask_key_name()
             import_azure_sdk()  # every input is checked: now, and only now, the SDK is needed
             with sdk_logging(verbose), contextlib.ExitStack() as stack:
                 if vault.kind == "embedded":
-                    vault = stack.enter_context(embedded_vault())
+                    vault = stack.enter_context(embedded_vault(vault.source))
                 client = make_client(vault)
                 stack.callback(client.close)
                 return run_quickstart(client, vault, name, args, ctrl_c)
@@ -206,9 +190,7 @@ class Run:
     doubt: str = ""  # at Stage.CREATED: why the run cannot tell whether the key is its alone
 
 
-# ---------------------------------------------------------------------------------------------------------
-# The steps, in the order run_quickstart calls them
-# ---------------------------------------------------------------------------------------------------------
+# --- The steps, in the order run_quickstart calls them ---
 
 
 def check_name_is_free(client: KeyClient, vault: Vault, name: str) -> None:
@@ -392,9 +374,7 @@ def purge_key(client: KeyClient, vault: Vault, name: str, deleted: Any) -> None:
         raise
 
 
-# ---------------------------------------------------------------------------------------------------------
-# The vault, the name and the options: all checked before the Azure SDK is imported
-# ---------------------------------------------------------------------------------------------------------
+# --- The vault, the name and the options: all checked before the Azure SDK is imported ---
 
 KEY_NAME_RE = re.compile(r"[0-9a-zA-Z-]{1,127}")
 VAULT_NAME_RE = re.compile(r"[A-Za-z][A-Za-z0-9-]{1,22}[A-Za-z0-9]")
@@ -697,9 +677,7 @@ class LocalTokenSource:
             ) from exc
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Cleanup: after a failure, delete the key this run created if it is certainly this run's alone; say what is left
-# ---------------------------------------------------------------------------------------------------------
+# --- Cleanup: after a failure, delete the key this run created if it is certainly this run's alone; say what is left ---
 
 
 @dataclass
@@ -842,9 +820,7 @@ def may_exist(vault: Vault, name: str, why: str) -> Outcome:
     )
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Errors: one line, one hint, one exit code
-# ---------------------------------------------------------------------------------------------------------
+# --- Errors: one line, one hint, one exit code ---
 
 
 class Failure(Exception):
@@ -1103,9 +1079,7 @@ def enum_text(value: Any) -> str:
     return str(getattr(value, "value", value))
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Plumbing: Ctrl-C, the Azure SDK import, logging (--verbose), a closed stdout, the embedded localvault
-# ---------------------------------------------------------------------------------------------------------
+# --- Plumbing: Ctrl-C, the Azure SDK import, logging (--verbose), a closed stdout, the embedded localvault ---
 
 
 class CtrlC:
@@ -1220,11 +1194,14 @@ def silence_stdout() -> None:
 
 
 @contextlib.contextmanager
-def embedded_vault() -> Iterator[Vault]:
+def embedded_vault(why: str) -> Iterator[Vault]:
     """Start localvault in this process; its managed-identity variables are set while it runs."""
     from localvault import LocalVault
 
     with LocalVault() as local:
+        print(
+            f"Using localvault, a Key Vault emulator started in this process on 127.0.0.1 ({why}): nothing leaves this machine."
+        )
         saved = dict(os.environ)
         os.environ.update(local.environ())  # azure-identity (msal) reads IDENTITY_* from os.environ
         try:
