@@ -1,13 +1,26 @@
-"""Shared helpers for talking to localvault on the wire, below the SDK."""
+"""Shared helpers: localvault on the wire, below the SDK; and the environment for kv_keys.py tests."""
 
 from __future__ import annotations
 
 import ipaddress
+import json
+import os
+import signal
 import socket
-from typing import Any, Iterator, List
+import subprocess
+import sys
+import threading
+from datetime import datetime, timezone
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Dict, Iterator, List, Optional, Tuple
+from unittest import mock
 
 import pytest
 import requests
+from azure.core.exceptions import HttpResponseError, ResourceNotFoundError
+
+import kv_keys
 
 API_VERSION = "2025-07-01"
 
@@ -85,3 +98,213 @@ def error_of(response: requests.Response) -> dict:
     assert set(body) == {"error"}
     assert isinstance(body["error"]["code"], str) and isinstance(body["error"]["message"], str)
     return body["error"]
+
+
+# --------------------------------------------------------------------------------------------------------
+# kv_keys.py tests: a clean environment, a standalone localvault, and a KeyClient double
+# --------------------------------------------------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parent.parent
+KV_KEYS = str(REPO / "kv_keys.py")
+# Variables that choose a vault or a credential; kv_keys tests start without any of them.
+VAULT_VARIABLE_PREFIXES = ("KEY_VAULT_", "IDENTITY_", "LOCALVAULT_", "AZURE_", "MSI_", "IMDS_")
+
+
+@pytest.fixture
+def clean_env() -> Dict[str, str]:
+    """A copy of os.environ without vault, identity, Azure or proxy variables, with DefaultAzureCredential kept to
+    developer tools (AZURE_TOKEN_CREDENTIALS=dev): for a subprocess, or for this process through use_env()."""
+    env = {
+        name: value
+        for name, value in os.environ.items()
+        if not name.upper().startswith(VAULT_VARIABLE_PREFIXES) and not name.upper().endswith("_PROXY")
+    }
+    env["AZURE_TOKEN_CREDENTIALS"] = "dev"
+    return env
+
+
+def use_env(monkeypatch: pytest.MonkeyPatch, env: Dict[str, str]) -> None:
+    """Make os.environ equal to env for this test (monkeypatch puts it back)."""
+    for name in set(os.environ) - set(env):
+        monkeypatch.delenv(name)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+
+
+@pytest.fixture
+def standalone_localvault(clean_env: Dict[str, str]) -> Iterator[Dict[str, str]]:
+    """`python -m localvault --port 0` in its own process; yields the variables it exports; stops it with SIGTERM."""
+    from localvault.cli import read_exports
+
+    process = subprocess.Popen(
+        [sys.executable, "-m", "localvault", "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=clean_env,
+        cwd=REPO,
+    )
+    watchdog = threading.Timer(60, process.kill)  # if it never prints its exports, fail instead of hanging
+    watchdog.start()
+    try:
+        assert process.stdout is not None
+        exports = read_exports(process.stdout)
+        watchdog.cancel()
+        assert set(exports) == {"KEY_VAULT_URL", "IDENTITY_ENDPOINT", "IDENTITY_HEADER", "LOCALVAULT_CA_FILE"}
+        yield exports
+    finally:
+        watchdog.cancel()
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+        rest, errors = process.communicate(timeout=60)
+    assert process.returncode == 0, errors
+    assert "# localvault stopped." in rest
+
+
+def error_lines(stderr: str) -> List[str]:
+    """kv_keys.py's report: `error: ...`, `hint: ...`, then only `cleanup:` lines, and no traceback. A first
+    line that says a Ctrl-C is being handled (`finishing the ... request`) may come before it."""
+    lines = [line for line in stderr.strip().splitlines() if line and not line.startswith("finishing the ")]
+    assert "Traceback" not in stderr
+    assert lines[0].startswith("error: ") and lines[1].startswith("hint: "), stderr
+    assert all(line.startswith("cleanup: ") for line in lines[2:]), stderr
+    return lines
+
+
+# --------------------------------------------------------------------------------------------------------
+# kv_keys.py unit tests: a KeyClient double whose errors are the real azure.core exception classes, built
+# the way the SDK builds them from an HTTP response; kv_keys.make_client is patched to return it
+# --------------------------------------------------------------------------------------------------------
+
+VAULT = "quickstart-vault"
+NAME = "unit-key"
+DAC_FAILURE = (
+    "DefaultAzureCredential failed to retrieve a token from the included credentials.\n"
+    "Attempted credentials:\n"
+    "\tEnvironmentCredential: EnvironmentCredential authentication unavailable. "
+    "Environment variables are not fully configured.\n"
+    "\tSharedTokenCacheCredential: SharedTokenCacheCredential authentication unavailable. "
+    "No accounts were found in the cache.\n"
+    "\tAzureCliCredential: Azure CLI not found on path\n"
+    "\tAzurePowerShellCredential: PowerShell is not installed\n"
+    "To mitigate this issue, please refer to the troubleshooting guidelines here at "
+    "https://aka.ms/azsdk/python/identity/defaultazurecredential/troubleshoot."
+)
+RECOVERABLE = (
+    f"Key {NAME} is currently in a deleted but recoverable state, and its name cannot be reused; "
+    "in this state, the key can only be recovered or purged."
+)
+
+
+class FakeResponse:
+    """Just enough of azure.core's HttpResponse for HttpResponseError to read status and error body."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        self.status_code = status
+        self.reason = {401: "Unauthorized", 403: "Forbidden", 404: "Not Found", 409: "Conflict"}.get(
+            status, "Error"
+        )
+        self.headers: Dict[str, str] = {"content-type": "application/json"}
+        self.content_type = "application/json"
+        self.request = None
+        self._body = json.dumps({"error": {"code": code, "message": message}})
+
+    def text(self, encoding: Optional[str] = None) -> str:
+        return self._body
+
+
+def http_error(cls: type, status: int, code: str, message: str) -> HttpResponseError:
+    return cls(response=FakeResponse(status, code, message))
+
+
+def not_found() -> ResourceNotFoundError:
+    return http_error(
+        ResourceNotFoundError, 404, "KeyNotFound", f"A key with (name/id) {NAME} was not found."
+    )
+
+
+def forbidden(operation: str = "get") -> HttpResponseError:
+    return http_error(
+        HttpResponseError,
+        403,
+        "Forbidden",
+        f"The user, group or application 'appid=x;oid=y' does not have keys {operation} permission on key vault "
+        f"'{VAULT};location=westeurope'.",
+    )
+
+
+def fake_key(version: str = "v1", kty: str = "RSA") -> SimpleNamespace:
+    material = (
+        SimpleNamespace(n=b"\xc3" * 256, crv=None) if kty.startswith("RSA") else SimpleNamespace(crv="P-384")
+    )
+    return SimpleNamespace(
+        id=f"https://{VAULT}.vault.azure.net/keys/{NAME}/{version}",
+        name=NAME,
+        key_type=kty,
+        key_operations=["sign", "verify"],
+        key=material,
+        properties=SimpleNamespace(
+            version=version, enabled=True, created_on=datetime(2025, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
+        ),
+    )
+
+
+def fake_deleted() -> SimpleNamespace:
+    return SimpleNamespace(
+        name=NAME,
+        recovery_id=f"https://{VAULT}.vault.azure.net/deletedkeys/{NAME}",
+        scheduled_purge_date=datetime(2025, 4, 2, tzinfo=timezone.utc),
+        deleted_date=datetime(2025, 1, 2, tzinfo=timezone.utc),
+    )
+
+
+class FakePoller:
+    def __init__(self, wait_error: Optional[BaseException] = None) -> None:
+        self.wait_error = wait_error
+        self.waited = 0
+
+    def wait(self, timeout: Optional[float] = None) -> None:
+        self.waited += 1
+        if self.wait_error:
+            raise self.wait_error
+
+    def result(self) -> SimpleNamespace:
+        return fake_deleted()
+
+
+@pytest.fixture
+def azure_vault_env(clean_env: Dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A clean os.environ naming an Azure vault (KEY_VAULT_NAME); nothing is sent there: make_client is a fake."""
+    use_env(monkeypatch, dict(clean_env, KEY_VAULT_NAME=VAULT))
+
+
+@pytest.fixture
+def client(monkeypatch: pytest.MonkeyPatch) -> mock.MagicMock:
+    """A KeyClient double for the happy path: the name is free, create works, get finds the same version."""
+    fake = mock.MagicMock(name="KeyClient")
+    fake.get_key.side_effect = [not_found(), fake_key()]
+    fake.get_deleted_key.side_effect = not_found()
+    fake.create_rsa_key.return_value = fake_key()
+    fake.create_ec_key.return_value = fake_key(kty="EC")
+    fake.begin_delete_key.return_value = FakePoller()
+    fake.list_properties_of_key_versions.return_value = [SimpleNamespace(version="v1")]
+    factory = mock.Mock(return_value=fake, name="make_client")
+    monkeypatch.setattr(kv_keys, "make_client", factory)
+    fake.factory = factory
+    return fake
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> Tuple[int, str, str]:
+    code = kv_keys.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_error(err: str) -> List[str]:
+    """An error is exactly `error: ...` then `hint: ...` (cleanup lines may follow), never a traceback."""
+    lines = err.strip().splitlines()
+    assert "Traceback" not in err
+    assert lines[0].startswith("error: "), err
+    assert lines[1].startswith("hint: "), err
+    assert not any(line.startswith(("error:", "hint:")) for line in lines[2:]), err
+    return lines

@@ -7,44 +7,25 @@ environment without proxies, Azure credentials or KEY_VAULT_* variables, so noth
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
-import threading
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional
+from typing import Dict, List, Optional
 
 import pytest
 from azure.core.exceptions import ResourceNotFoundError
 from azure.keyvault.keys import KeyClient
+from conftest import KV_KEYS, REPO, error_lines, use_env
 
 from localvault import LocalVault
-from localvault.cli import read_exports
-
-REPO = Path(__file__).resolve().parent.parent
-SCRIPT = str(REPO / "kv_keys.py")
-STRIPPED_PREFIXES = ("KEY_VAULT_", "IDENTITY_", "LOCALVAULT_", "AZURE_", "MSI_", "IMDS_")
-
-
-def clean_env(**extra: str) -> Dict[str, str]:
-    """os.environ without vault, identity, Azure or proxy variables; DefaultAzureCredential kept to dev tools."""
-    env = {
-        name: value
-        for name, value in os.environ.items()
-        if not name.upper().startswith(STRIPPED_PREFIXES) and not name.upper().endswith("_PROXY")
-    }
-    env["AZURE_TOKEN_CREDENTIALS"] = "dev"
-    env["PYTHONUNBUFFERED"] = "1"
-    env.update(extra)
-    return env
 
 
 def kv_keys(
     *argv: str, env: Dict[str, str], stdin: Optional[str] = None, timeout: float = 120
 ) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, SCRIPT, *argv],
+        [sys.executable, KV_KEYS, *argv],
         input=stdin if stdin is not None else "",
         capture_output=True,
         text=True,
@@ -55,9 +36,9 @@ def kv_keys(
 
 
 @pytest.fixture
-def vault_env(localvault: LocalVault) -> Dict[str, str]:
+def vault_env(localvault: LocalVault, clean_env: Dict[str, str]) -> Dict[str, str]:
     """The session localvault, as `python -m localvault` users see it: KEY_VAULT_URL and friends."""
-    return clean_env(**localvault.environ())
+    return dict(clean_env, **localvault.environ())
 
 
 def key_names(key_client) -> List[str]:
@@ -73,22 +54,15 @@ def assert_error(result: subprocess.CompletedProcess, code: int) -> List[str]:
     return error_lines(result.stderr)
 
 
-def error_lines(stderr: str) -> List[str]:
-    """`error: ...`, `hint: ...`, then only cleanup lines; no traceback."""
-    lines = stderr.strip().splitlines()
-    assert "Traceback" not in stderr
-    assert lines[0].startswith("error: ") and lines[1].startswith("hint: "), stderr
-    assert not any(line.startswith(("error:", "hint:")) for line in lines[2:]), stderr
-    return lines
-
-
 # --------------------------------------------------------------------------------------------------------
 # Where the vault comes from
 # --------------------------------------------------------------------------------------------------------
 
 
-def test_embedded_localvault_when_nothing_is_configured(unique_key_name: str) -> None:
-    result = kv_keys("--name", unique_key_name, env=clean_env())
+def test_embedded_localvault_when_nothing_is_configured(
+    unique_key_name: str, clean_env: Dict[str, str]
+) -> None:
+    result = kv_keys("--name", unique_key_name, env=clean_env)
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
     lines = result.stdout.splitlines()
@@ -99,10 +73,10 @@ def test_embedded_localvault_when_nothing_is_configured(unique_key_name: str) ->
     assert any(line.startswith("  recovery id: https://127.0.0.1:") for line in lines)
 
 
-def test_local_flag_wins_over_configured_variables(unique_key_name: str) -> None:
+def test_local_flag_wins_over_configured_variables(unique_key_name: str, clean_env: Dict[str, str]) -> None:
     # Both variables are set, to values that fail on loopback if used: nothing listens on port 9, and "x" is
     # not a valid vault name. --local must not even look at them.
-    env = clean_env(KEY_VAULT_URL="https://127.0.0.1:9", KEY_VAULT_NAME="x")
+    env = dict(clean_env, KEY_VAULT_URL="https://127.0.0.1:9", KEY_VAULT_NAME="x")
     result = kv_keys("--local", "--name", unique_key_name, env=env)
     assert result.returncode == 0, result.stderr
     assert "nothing leaves this machine" in result.stdout.splitlines()[0]
@@ -125,47 +99,23 @@ def test_session_vault_through_its_environment(
     assert "KeyClient.begin_recover_deleted_key" in result.stdout
 
 
-@pytest.fixture
-def standalone_localvault() -> Iterator[Dict[str, str]]:
-    """`python -m localvault --port 0` in its own process; yields its exported variables; stops it with SIGTERM."""
-    process = subprocess.Popen(
-        [sys.executable, "-m", "localvault", "--port", "0"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=clean_env(),
-        cwd=REPO,
-    )
-    watchdog = threading.Timer(60, process.kill)  # if it never prints its exports, fail instead of hanging
-    watchdog.start()
-    try:
-        assert process.stdout is not None
-        exports = read_exports(process.stdout)
-        watchdog.cancel()
-        assert set(exports) == {"KEY_VAULT_URL", "IDENTITY_ENDPOINT", "IDENTITY_HEADER", "LOCALVAULT_CA_FILE"}
-        yield exports
-    finally:
-        watchdog.cancel()
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-        rest, errors = process.communicate(timeout=60)
-    assert process.returncode == 0, errors
-    assert "# localvault stopped." in rest
-
-
-def test_vault_url_option_against_a_standalone_localvault(standalone_localvault: Dict[str, str]) -> None:
+def test_vault_url_option_against_a_standalone_localvault(
+    standalone_localvault: Dict[str, str], clean_env: Dict[str, str]
+) -> None:
     url = standalone_localvault.pop("KEY_VAULT_URL")
-    env = clean_env(**standalone_localvault)  # no KEY_VAULT_URL: the vault comes from --vault-url
+    env = dict(clean_env, **standalone_localvault)  # no KEY_VAULT_URL: the vault comes from --vault-url
     result = kv_keys("--vault-url", url, "--name", "standalone-key", "--purge", env=env)
     assert result.returncode == 0, result.stderr
     assert f"Creating a key in {url} called 'standalone-key' ..." in result.stdout
     assert "The name 'standalone-key' can be used again." in result.stdout
 
 
-def test_standalone_ca_is_not_trusted_without_its_variable(standalone_localvault: Dict[str, str]) -> None:
+def test_standalone_ca_is_not_trusted_without_its_variable(
+    standalone_localvault: Dict[str, str], clean_env: Dict[str, str]
+) -> None:
     # The CA is trusted only through LOCALVAULT_CA_FILE and only for that vault: without it TLS is verified
     # against the normal trust store, and fails.
-    env = clean_env(**standalone_localvault)
+    env = dict(clean_env, **standalone_localvault)
     del env["LOCALVAULT_CA_FILE"]
     lines = assert_error(kv_keys("--name", "no-ca-key", env=env), 5)
     assert "TLS failed" in lines[0]
@@ -357,13 +307,12 @@ def test_stale_ca_file_of_a_stopped_localvault(vault_env: Dict[str, str], tmp_pa
 
 
 @pytest.fixture
-def in_process(localvault: LocalVault, monkeypatch: pytest.MonkeyPatch) -> LocalVault:
+def in_process(
+    localvault: LocalVault, clean_env: Dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> LocalVault:
     """kv_keys.main() in this process, configured like a user of `python -m localvault` (KEY_VAULT_URL ...)."""
-    for name in list(os.environ):
-        if name.upper().startswith(STRIPPED_PREFIXES):
-            monkeypatch.delenv(name)
-    for name, value in localvault.environ().items():
-        monkeypatch.setenv(name, value)
+    env = {name: value for name, value in clean_env.items() if name != "AZURE_TOKEN_CREDENTIALS"}
+    use_env(monkeypatch, {**env, **localvault.environ()})  # as the session vault's key_client needs it too
     return localvault
 
 
@@ -456,7 +405,7 @@ def test_ctrl_c_while_the_delete_request_is_in_flight(
     assert "cleanup failed" not in err and "still in" not in err
 
 
-def test_ctrl_c_while_the_create_request_is_in_flight(
+def test_first_ctrl_c_while_the_create_request_is_in_flight(
     in_process: LocalVault,
     key_client: KeyClient,
     unique_key_name: str,
@@ -466,7 +415,7 @@ def test_ctrl_c_while_the_create_request_is_in_flight(
     import kv_keys
 
     def ctrl_c(client, name):
-        raise KeyboardInterrupt  # the vault has created the key; the answer is never handled
+        signal.getsignal(signal.SIGINT)(signal.SIGINT, None)  # the vault has created the key, and answers
 
     intercept(monkeypatch, "create_rsa_key", ctrl_c)
     code = kv_keys.main(["--name", unique_key_name])
@@ -474,8 +423,21 @@ def test_ctrl_c_while_the_create_request_is_in_flight(
 
     assert code == 130, err
     assert key_names(key_client) == [] and deleted_names(key_client) == [unique_key_name]
-    lines = error_lines(err)
-    assert lines[1:] == [
-        "hint: the key that the cut-off create request made was deleted (see below)",
+    assert err.startswith("\nfinishing the create request, then cleaning up; Ctrl-C again to stop now\n")
+    assert error_lines(err)[1:] == [
+        "hint: the key that this run created was deleted (see below)",
         f"cleanup: done, the key '{unique_key_name}' created by this run is deleted.",
     ]
+
+
+def test_401_from_a_loopback_vault_is_blamed_on_localvaults_variables(
+    vault_env: Dict[str, str], key_client: KeyClient
+) -> None:
+    # The vault's URL and CA, but the identity variables of another localvault: its tokens are refused.
+    with LocalVault() as other:
+        env = dict(vault_env, **{k: v for k, v in other.environ().items() if k.startswith("IDENTITY_")})
+        lines = assert_error(kv_keys("--name", "other-token-key", env=env), 3)
+    assert lines[0].startswith(f"error: {vault_env['KEY_VAULT_URL']} rejected the credential (HTTP 401)")
+    assert "another localvault" in lines[1] and "latest export lines" in lines[1]
+    assert "az login" not in lines[1]
+    assert key_names(key_client) == []

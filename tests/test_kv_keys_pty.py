@@ -13,19 +13,16 @@ import select
 import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import Dict, Iterator
 
 import pytest
 from azure.keyvault.keys import KeyClient
+from conftest import KV_KEYS, REPO
 
 from localvault import LocalVault
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="pseudo-terminals are POSIX only")
 
-REPO = Path(__file__).resolve().parent.parent
-SCRIPT = str(REPO / "kv_keys.py")
-STRIPPED_PREFIXES = ("KEY_VAULT_", "IDENTITY_", "LOCALVAULT_", "AZURE_", "MSI_", "IMDS_")
 # Make the pty the controlling terminal (the child is a new session leader), then become kv_keys.py.
 LAUNCHER = (
     "import fcntl, os, sys, termios; fcntl.ioctl(0, termios.TIOCSCTTY, 0); "
@@ -39,7 +36,7 @@ class Terminal:
     def __init__(self, env: Dict[str, str], *argv: str) -> None:
         self.master, slave = pty.openpty()
         self.process = subprocess.Popen(
-            [sys.executable, "-c", LAUNCHER, SCRIPT, *argv],
+            [sys.executable, "-c", LAUNCHER, KV_KEYS, *argv],
             stdin=slave,
             stdout=slave,
             stderr=slave,
@@ -92,14 +89,8 @@ class Terminal:
 
 
 @pytest.fixture
-def terminal_env(localvault: LocalVault) -> Dict[str, str]:
-    env = {
-        name: value
-        for name, value in os.environ.items()
-        if not name.upper().startswith(STRIPPED_PREFIXES) and not name.upper().endswith("_PROXY")
-    }
-    env.update(localvault.environ(), AZURE_TOKEN_CREDENTIALS="dev", TERM="xterm")
-    return env
+def terminal_env(localvault: LocalVault, clean_env: Dict[str, str]) -> Dict[str, str]:
+    return dict(clean_env, **localvault.environ(), TERM="xterm")
 
 
 @pytest.fixture
