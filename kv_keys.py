@@ -4,6 +4,7 @@
 # dependencies = [
 #     "azure-identity>=1.23.0",
 #     "azure-keyvault-keys>=4.10.0",
+#     "azure-core>=1.31.0",
 #     # for the embedded localvault, when run from the clone:
 #     "cryptography>=42.0.0",
 #     "PyJWT>=2.8.0",

@@ -57,10 +57,6 @@ def test_package_metadata_declares_exactly_requirements_txt():
     assert _by_name(_pyproject()["project"]["dependencies"]) == _by_name(_requirements_txt())
 
 
-@pytest.mark.xfail(
-    reason="kv_keys.py's PEP 723 block still lacks azure-core>=1.31.0, which kv_keys.py imports directly; "
-    "remove this marker when that line is added",
-)
 def test_script_metadata_declares_exactly_requirements_txt():
     """`uv run kv_keys.py` gets the same packages, with the same lower bounds, as requirements.txt."""
     assert _by_name(_script_metadata()["dependencies"]) == _by_name(_requirements_txt())
