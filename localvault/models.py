@@ -16,7 +16,15 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from .clock import Clock
 from .exceptions import BadParameter, Conflict, KeyNotFound
-from .jwk import CURVES, PrivateKey, b64url_decode, b64url_encode, private_key_from_jwk, public_jwk
+from .jwk import (
+    CURVES,
+    PrivateKey,
+    b64url_decode,
+    b64url_encode,
+    private_key_from_jwk,
+    public_jwk,
+    rsa_modulus_bits,
+)
 
 KEY_TYPES = {"RSA": "RSA", "RSA-HSM": "RSA", "EC": "EC", "EC-HSM": "EC"}
 MANAGED_HSM_TYPES = {"oct", "oct-HSM"}
@@ -135,9 +143,11 @@ def key_from_jwk(jwk: Dict[str, Any], hsm: bool) -> Tuple[str, PrivateKey]:
     family = KEY_TYPES[kty]
     if "d" not in jwk:
         raise BadParameter("The JSON Web Key has no private key material; import needs the private key.")
+    # The size first: private_key_from_jwk bounds every other member by it before any arithmetic.
+    size = rsa_modulus_bits(jwk) if family == "RSA" else None
+    if size is not None and size not in RSA_SIZES:
+        raise BadParameter(f"Invalid key size: {size}. RSA keys must be 2048, 3072 or 4096 bits.")
     key = private_key_from_jwk(jwk, family)
-    if isinstance(key, rsa.RSAPrivateKey) and key.key_size not in RSA_SIZES:
-        raise BadParameter(f"Invalid key size: {key.key_size}. RSA keys must be 2048, 3072 or 4096 bits.")
     return (f"{family}-HSM" if hsm or kty.endswith("-HSM") else family), key
 
 
