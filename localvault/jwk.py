@@ -90,12 +90,14 @@ def private_key_from_jwk(jwk: Dict[str, Any], family: str) -> PrivateKey:
         if family == "RSA":
             size = len(_octets(jwk, "n"))
             half = (size + 1) // 2 + 1  # p and q of a modulus, and numbers modulo them
-            n, d = _b64_to_int(jwk, "n", size), _b64_to_int(jwk, "d", size)
-            e = _b64_to_int(jwk, "e", MAX_RSA_EXPONENT_BYTES)
-            p, q = _b64_to_int(jwk, "p", half), _b64_to_int(jwk, "q", half)
-            dp = _b64_to_int(jwk, "dp", half) if jwk.get("dp") else rsa.rsa_crt_dmp1(d, p)
-            dq = _b64_to_int(jwk, "dq", half) if jwk.get("dq") else rsa.rsa_crt_dmq1(d, q)
-            qi = _b64_to_int(jwk, "qi", half) if jwk.get("qi") else rsa.rsa_crt_iqmp(p, q)
+            limits = {"n": size, "e": MAX_RSA_EXPONENT_BYTES, "d": size, "p": half, "q": half}
+            optional = {"dp": half, "dq": half, "qi": half}
+            limits.update((name, limit) for name, limit in optional.items() if jwk.get(name))
+            v = {name: _b64_to_int(jwk, name, limit) for name, limit in limits.items()}  # all, then maths
+            n, e, d, p, q = v["n"], v["e"], v["d"], v["p"], v["q"]
+            dp = v["dp"] if "dp" in v else rsa.rsa_crt_dmp1(d, p)
+            dq = v["dq"] if "dq" in v else rsa.rsa_crt_dmq1(d, q)
+            qi = v["qi"] if "qi" in v else rsa.rsa_crt_iqmp(p, q)
             public = rsa.RSAPublicNumbers(e, n)
             return rsa.RSAPrivateNumbers(p, q, d, dp, dq, qi, public).private_key()
         crv = jwk.get("crv")
@@ -103,12 +105,12 @@ def private_key_from_jwk(jwk: Dict[str, Any], family: str) -> PrivateKey:
             raise BadParameter(f"Invalid curve name: {crv!r}. Supported curves: {', '.join(CURVES)}.")
         size = (CURVES[crv].key_size + 7) // 8
         d = _b64_to_int(jwk, "d", size)
+        given = None
+        if (jwk.get("x"), jwk.get("y")) != (None, None):
+            given = (_b64_to_int(jwk, "x", size), _b64_to_int(jwk, "y", size))
         key = ec.derive_private_key(d, CURVES[crv])
         point = key.public_key().public_numbers()
-        if (jwk.get("x"), jwk.get("y")) != (None, None) and (
-            _b64_to_int(jwk, "x", size),
-            _b64_to_int(jwk, "y", size),
-        ) != (point.x, point.y):
+        if given is not None and given != (point.x, point.y):
             raise BadParameter("The JSON Web Key's public point does not match its private key.")
         return key
     except (ValueError, TypeError, OverflowError) as exc:

@@ -33,6 +33,7 @@ MAX_BODY = 256 * 1024
 MAX_DRAIN = 16 * 1024 * 1024
 IDLE_TIMEOUT = 120.0  # for a request's first byte
 REQUEST_TIMEOUT = 30.0  # for the TLS handshake; and for the rest of a request, headers and body, in all
+LINGER_TIMEOUT = 2.0  # to read and drop what a client still sends after an answer that ends its connection
 MAX_CONNECTIONS = 128  # per server; beyond it idle connections are closed, or else the new one
 TOO_LARGE = f"The request body is larger than {MAX_BODY} bytes."
 BAD_FRAMING = (
@@ -276,15 +277,37 @@ class _Handler(BaseHTTPRequestHandler):
         return self.server_version
 
     def setup(self) -> None:
+        self._linger = False  # whether the client may still be sending when the connection ends
         self.connection = self.request
         self._reader = _RequestReader(self.connection)
         self.rfile = io.BufferedReader(self._reader)
         self.wfile = self.connection.makefile("wb", self.wbufsize)
 
+    def finish(self) -> None:
+        super().finish()
+        if self._linger:
+            self._drain_before_close()
+
+    def _drain_before_close(self) -> None:
+        """Closing with unread bytes resets the connection, and the client may lose the answer: so stop
+        sending, then read and drop what the client still sends, bounded in time and size."""
+        sock = self.connection
+        deadline = time.monotonic() + LINGER_TIMEOUT
+        drained = 0
+        with contextlib.suppress(OSError, ValueError):
+            socket.socket.shutdown(sock, socket.SHUT_WR)  # below any TLS layer: the answer is sent
+            while drained < MAX_DRAIN and time.monotonic() < deadline:
+                sock.settimeout(max(deadline - time.monotonic(), 0.001))
+                chunk = socket.socket.recv(sock, 65536)
+                if not chunk:
+                    break
+                drained += len(chunk)
+
     def handle_one_request(self) -> None:
         # As the stdlib's, but the server knows when this connection waits for its next request, reads
         # are bounded in time, the body's framing is checked, and every method gets an answer.
         self.command = self.requestline = ""
+        self.request_version = self.default_request_version
         self._reader.next_request()
         waiting = not self._request_started()
         if waiting:
@@ -371,7 +394,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def send_error(self, code: int, message: Optional[str] = None, explain: Optional[str] = None) -> None:
         """Malformed HTTP, answered in the endpoint's error format instead of the stdlib's HTML page."""
-        self.close_connection = True
+        self.close_connection = self._linger = True
         error = ProtocolError(code, message or "Bad request")
         self.send_json(code, self.error_body(error), {"Connection": "close"})
 
@@ -391,7 +414,7 @@ class _Handler(BaseHTTPRequestHandler):
         a body too large or of unknown length ends the connection instead."""
         length = self._content_length()
         if length is None or length > MAX_DRAIN:
-            self.close_connection = True
+            self.close_connection = self._linger = True
             return
         while length > 0:
             chunk = self.rfile.read(min(length, 65536))
