@@ -15,6 +15,7 @@ from urllib.parse import quote, urlencode
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_localvault_wire import FIELDS as WIRE_FIELDS
 
 from localvault import urls
 from localvault.server import API_VERSIONS
@@ -29,35 +30,7 @@ PER_ROUTE = settings(
 )
 # Framing is tested case by case in test_localvault_hostile.py; here it is always right.
 FRAMING_HEADERS = {"content-length", "transfer-encoding", "connection", "expect"}
-FIELDS = [
-    "kty",
-    "key_size",
-    "public_exponent",
-    "crv",
-    "key_ops",
-    "attributes",
-    "tags",
-    "key",
-    "Hsm",
-    "value",
-    "enabled",
-    "nbf",
-    "exp",
-    "n",
-    "e",
-    "d",
-    "p",
-    "q",
-    "dp",
-    "dq",
-    "qi",
-    "x",
-    "y",
-    "k",
-    "release_policy",
-    "exportable",
-    "lifetimeActions",
-]
+FIELDS = [*WIRE_FIELDS, "dp", "dq", "qi", "k", "lifetimeActions"]
 WORDS = ["RSA", "EC", "RSA-HSM", "EC-HSM", "oct", "P-256", "P-521", "sign", "AQAB", "AQ", "", "\u0000"]
 
 
