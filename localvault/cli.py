@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import logging
 import os
 import shlex
 import signal
 import sys
+import tempfile
 import threading
 from typing import Dict, Iterable, List, Optional
 
@@ -39,7 +41,8 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
             "token endpoint, so the real azure-keyvault-keys SDK and DefaultAzureCredential work "
             "against it unchanged. Prints shell export lines; stop it with Ctrl-C or SIGTERM."
         ),
-        epilog="Exit codes: 0 after a clean shutdown, 2 for a usage error or a port that is in use.",
+        epilog="Exit codes: 0 after a clean shutdown, 2 for a usage error, a port that is in use or an "
+        "--env-file that cannot be written.",
     )
     parser.add_argument(
         "--host",
@@ -71,6 +74,13 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
         help="behave as a Managed HSM (tokens for https://managedhsm.azure.net, oct-HSM keys, random "
         "bytes) instead of a Premium key vault",
     )
+    parser.add_argument(
+        "--env-file",
+        metavar="PATH",
+        help="write the export lines to PATH, a file only you can read (mode 0600 from its creation), "
+        "instead of printing them; load them with '. PATH'. They carry IDENTITY_HEADER, the secret that "
+        "gets tokens for this vault, which a redirect such as '> PATH' leaves readable by every local user",
+    )
     parser.add_argument("--verbose", action="store_true", help="log every request on stderr")
     return parser
 
@@ -87,6 +97,20 @@ def exports(vault: LocalVault) -> List[str]:
         READY,
     ]
     return lines
+
+
+def write_private(path: str, lines: List[str]) -> None:
+    """Write ``lines`` to ``path`` through a new file only its owner can read from its creation (mkstemp
+    makes it 0600), renamed over ``path``: a file there keeps no old mode, a symlink is not followed."""
+    fd, temp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".localvault-env-")
+    try:
+        with os.fdopen(fd, "w") as file:
+            file.write("\n".join(lines) + "\n")
+        os.replace(temp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
+        raise
 
 
 def read_exports(lines: Iterable[str]) -> Dict[str, str]:
@@ -133,10 +157,27 @@ def main(argv: Optional[List[str]] = None, prog: Optional[str] = None) -> int:
             )
         return EXIT_USAGE
 
+    lines = exports(vault)
+    if args.env_file:
+        try:
+            write_private(args.env_file, [line for line in lines if line != READY])
+        except OSError as exc:
+            vault.stop()
+            print(
+                f"localvault: error: cannot write --env-file {args.env_file}: {exc.strerror}; "
+                "choose a file in a directory you can write to.",
+                file=sys.stderr,
+            )
+            return EXIT_USAGE
+        lines = [line for line in lines if not line.startswith("export ")]
+        path = os.path.abspath(args.env_file)
+        lines.insert(
+            1, f"# Export lines written to {path} (mode 0600); load them with: . {shlex.quote(path)}"
+        )
     stopping = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
     try:
-        print("\n".join(exports(vault)), flush=True)
+        print("\n".join(lines), flush=True)
         while not stopping.wait(0.5):
             pass
     except KeyboardInterrupt:

@@ -22,6 +22,7 @@ CURVES: Dict[str, ec.EllipticCurve] = {
 }
 _CURVE_NAMES = {type(curve).__name__: name for name, curve in CURVES.items()}
 _BASE64URL = re.compile(r"^[A-Za-z0-9_-]*={0,2}$")
+MAX_RSA_EXPONENT_BYTES = 8  # OpenSSL refuses longer public exponents for keys over 3072 bits
 
 
 def b64url_encode(data: bytes) -> str:
@@ -44,14 +45,33 @@ def _int_to_b64(value: int, length: int = 0) -> str:
     return b64url_encode(value.to_bytes(length, "big"))
 
 
-def _b64_to_int(jwk: Dict[str, Any], field: str) -> int:
+def _octets(jwk: Dict[str, Any], field: str) -> bytes:
+    """A member's big-endian value without leading zero bytes, which some encoders add."""
     raw = jwk.get(field)
     if raw is None:
         raise BadParameter(f"The JSON Web Key is missing the '{field}' parameter.")
-    data = b64url_decode(raw)
+    data = b64url_decode(raw).lstrip(b"\0")
     if not data:
         raise BadParameter(f"The JSON Web Key parameter '{field}' is empty.")
+    return data
+
+
+def _b64_to_int(jwk: Dict[str, Any], field: str, max_bytes: int) -> int:
+    """A member as a number, refused before any arithmetic if it is longer than the key allows:
+    cryptography's checks of huge numbers would hold the interpreter for minutes."""
+    data = _octets(jwk, field)
+    if len(data) > max_bytes:
+        raise BadParameter(
+            f"The JSON Web Key parameter '{field}' is too long for this key: "
+            f"{len(data)} bytes, at most {max_bytes}."
+        )
     return int.from_bytes(data, "big")
+
+
+def rsa_modulus_bits(jwk: Dict[str, Any]) -> int:
+    """The size of an RSA JWK's modulus ``n``, found without building the number."""
+    data = _octets(jwk, "n")
+    return 8 * (len(data) - 1) + data[0].bit_length()
 
 
 def curve_name(key: ec.EllipticCurvePrivateKey) -> str:
@@ -71,7 +91,8 @@ def public_jwk(key: PrivateKey) -> Dict[str, str]:
 
 
 def private_key_from_jwk(jwk: Dict[str, Any], family: str) -> PrivateKey:
-    """Build a private key from an imported JWK; ``family`` is ``RSA``, ``EC`` or ``oct``."""
+    """Build a private key from an imported JWK; ``family`` is ``RSA``, ``EC`` or ``oct``. Every member
+    is bounded by the key's size (an RSA modulus the caller has bounded, the curve, or AES sizes) before use."""
     if family == "oct":
         secret = b64url_decode(jwk["k"]) if isinstance(jwk.get("k"), str) else b""
         if len(secret) not in (16, 24, 32):
@@ -79,23 +100,29 @@ def private_key_from_jwk(jwk: Dict[str, Any], family: str) -> PrivateKey:
         return secret
     try:
         if family == "RSA":
-            n, e, d = _b64_to_int(jwk, "n"), _b64_to_int(jwk, "e"), _b64_to_int(jwk, "d")
-            p, q = _b64_to_int(jwk, "p"), _b64_to_int(jwk, "q")
-            dp = _b64_to_int(jwk, "dp") if jwk.get("dp") else rsa.rsa_crt_dmp1(d, p)
-            dq = _b64_to_int(jwk, "dq") if jwk.get("dq") else rsa.rsa_crt_dmq1(d, q)
-            qi = _b64_to_int(jwk, "qi") if jwk.get("qi") else rsa.rsa_crt_iqmp(p, q)
+            size = len(_octets(jwk, "n"))
+            half = (size + 1) // 2 + 1  # p and q of a modulus, and numbers modulo them
+            limits = {"n": size, "e": MAX_RSA_EXPONENT_BYTES, "d": size, "p": half, "q": half}
+            optional = {"dp": half, "dq": half, "qi": half}
+            limits.update((name, limit) for name, limit in optional.items() if jwk.get(name))
+            v = {name: _b64_to_int(jwk, name, limit) for name, limit in limits.items()}  # all, then maths
+            n, e, d, p, q = v["n"], v["e"], v["d"], v["p"], v["q"]
+            dp = v["dp"] if "dp" in v else rsa.rsa_crt_dmp1(d, p)
+            dq = v["dq"] if "dq" in v else rsa.rsa_crt_dmq1(d, q)
+            qi = v["qi"] if "qi" in v else rsa.rsa_crt_iqmp(p, q)
             public = rsa.RSAPublicNumbers(e, n)
             return rsa.RSAPrivateNumbers(p, q, d, dp, dq, qi, public).private_key()
         crv = jwk.get("crv")
         if crv not in CURVES:
             raise BadParameter(f"Invalid curve name: {crv!r}. Supported curves: {', '.join(CURVES)}.")
-        d = _b64_to_int(jwk, "d")
+        size = (CURVES[crv].key_size + 7) // 8
+        d = _b64_to_int(jwk, "d", size)
+        given = None
+        if (jwk.get("x"), jwk.get("y")) != (None, None):
+            given = (_b64_to_int(jwk, "x", size), _b64_to_int(jwk, "y", size))
         key = ec.derive_private_key(d, CURVES[crv])
         point = key.public_key().public_numbers()
-        if (jwk.get("x"), jwk.get("y")) != (None, None) and (
-            _b64_to_int(jwk, "x"),
-            _b64_to_int(jwk, "y"),
-        ) != (point.x, point.y):
+        if given is not None and given != (point.x, point.y):
             raise BadParameter("The JSON Web Key's public point does not match its private key.")
         return key
     except (ValueError, TypeError, OverflowError) as exc:

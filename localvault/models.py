@@ -21,7 +21,15 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from . import crypto
 from .clock import Clock
 from .exceptions import BadParameter, Conflict, Forbidden, KeyNotFound, VaultError
-from .jwk import CURVES, PrivateKey, b64url_decode, b64url_encode, private_key_from_jwk, public_jwk
+from .jwk import (
+    CURVES,
+    PrivateKey,
+    b64url_decode,
+    b64url_encode,
+    private_key_from_jwk,
+    public_jwk,
+    rsa_modulus_bits,
+)
 
 KEY_TYPES = {"RSA": "RSA", "RSA-HSM": "RSA", "EC": "EC", "EC-HSM": "EC", "oct": "oct", "oct-HSM": "oct"}
 MANAGED_HSM_TYPES = {"oct", "oct-HSM"}
@@ -178,7 +186,9 @@ def regenerate_key(template: KeyVersion) -> PrivateKey:
     """A fresh private key of the same type and size or curve (and public exponent) as ``template``."""
     key = template.private_key
     if isinstance(key, bytes):  # oct-HSM
-        return generate_key(template.kty, len(key) * 8, None, None, managed_hsm=True)  # only a Managed HSM has them
+        return generate_key(
+            template.kty, len(key) * 8, None, None, managed_hsm=True
+        )  # only a Managed HSM has them
     if isinstance(key, rsa.RSAPrivateKey):
         return generate_key(template.kty, key.key_size, key.public_key().public_numbers().e, None)
     return generate_key(template.kty, None, None, template.jwk["crv"])
@@ -261,9 +271,11 @@ def key_from_jwk(jwk: Dict[str, Any], hsm: bool, managed_hsm: bool = False) -> T
     family = KEY_TYPES[kty]
     if family != "oct" and "d" not in jwk:
         raise BadParameter("The JSON Web Key has no private key material; import needs the private key.")
+    # The size first: private_key_from_jwk bounds every other member by it before any arithmetic.
+    size = rsa_modulus_bits(jwk) if family == "RSA" else None
+    if size is not None and size not in RSA_SIZES:
+        raise BadParameter(f"Invalid key size: {size}. RSA keys must be 2048, 3072 or 4096 bits.")
     key = private_key_from_jwk(jwk, family)
-    if isinstance(key, rsa.RSAPrivateKey) and key.key_size not in RSA_SIZES:
-        raise BadParameter(f"Invalid key size: {key.key_size}. RSA keys must be 2048, 3072 or 4096 bits.")
     return (f"{family}-HSM" if hsm or kty.endswith("-HSM") else family), key
 
 

@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Optional
 from . import tls
 from .clock import Clock
 from .models import KeyStore
-from .server import IdentityServer, VaultServer
+from .server import MAX_CONNECTIONS, IdentityServer, VaultServer
 from .tokens import MANAGED_HSM_RESOURCE, VAULT_RESOURCE, TokenIssuer
 
 LOOPBACK = "127.0.0.1"
@@ -41,6 +41,9 @@ class LocalVault:
 
     Backups are sealed with a key shared by the vaults of this process, so a backup restores into any
     of them; pass ``backup_secret`` (32 bytes) to give a vault a key of its own.
+
+    Each endpoint serves at most ``max_connections`` connections at once: beyond that it closes one
+    that waits idle for its next request, or else the new one.
     """
 
     def __init__(
@@ -51,8 +54,12 @@ class LocalVault:
         retention_days: int = 90,
         backup_secret: Optional[bytes] = None,
         managed_hsm: bool = False,
+        max_connections: int = MAX_CONNECTIONS,
     ) -> None:
+        if max_connections < 1:
+            raise ValueError("max_connections must be at least 1")
         self.host = host.strip("[]")
+        self.max_connections = max_connections
         self._port, self._identity_port = port, identity_port
         self.clock = Clock()
         self.managed_hsm = managed_hsm
@@ -80,10 +87,14 @@ class LocalVault:
             files = tls.generate(self._dir, extra_ips=_extra_ips(self.host))
             self.ca_file = files.ca_file
             self._identity_server = IdentityServer(
-                (LOOPBACK, self._identity_port), self.issuer, self._identity_secret
+                (LOOPBACK, self._identity_port), self.issuer, self._identity_secret, self.max_connections
             )
             self._vault_server = VaultServer(
-                (self.host, self._port), tls.server_context(files), self.store, self.issuer
+                (self.host, self._port),
+                tls.server_context(files),
+                self.store,
+                self.issuer,
+                self.max_connections,
             )
             self._vault_server.base_url = self.url  # ids and links name the vault, whatever Host says
         except BaseException:

@@ -1,0 +1,159 @@
+"""Property: whatever method, path, headers and body reach any route, localvault answers without a 5xx
+in the service's error format, and keeps serving."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import math
+import re
+import socket
+import ssl
+from typing import Any, Tuple
+from urllib.parse import quote, urlencode
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from test_localvault_wire import FIELDS as WIRE_FIELDS
+
+from localvault import urls
+from localvault.server import API_VERSIONS
+
+EXAMPLES = 200
+PER_ROUTE = settings(
+    max_examples=math.ceil(EXAMPLES / len(urls.ROUTES)),
+    deadline=None,
+    derandomize=True,  # the same requests on every run
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+# Framing is tested case by case in test_localvault_hostile.py; here it is always right.
+FRAMING_HEADERS = {"content-length", "transfer-encoding", "connection", "expect"}
+FIELDS = [*WIRE_FIELDS, "dp", "dq", "qi", "k", "lifetimeActions"]
+WORDS = ["RSA", "EC", "RSA-HSM", "EC-HSM", "oct", "P-256", "P-521", "sign", "AQAB", "AQ", "", "\u0000"]
+
+
+def _template(pattern: str) -> str:
+    """A route's pattern as a format string with {name}, {version} and {slash}."""
+    template = (
+        pattern.replace(urls.NAME, "{name}")
+        .replace(urls.ANY_VERSION, "{version}")
+        .replace(urls.VERSION, "{version}")
+        .replace("/?", "{slash}")
+    )
+    assert not re.search(r"[()\[\]?*+^$\\]", template), template
+    return template
+
+
+def _segment() -> st.SearchStrategy[str]:
+    return st.one_of(
+        st.from_regex(r"[0-9a-zA-Z-]{1,24}", fullmatch=True),  # a valid name or version
+        st.sampled_from(["", ".", "..", "%00", "%2F", "a" * 200, "-", "deadbeef" * 4]),
+        st.text(max_size=30).map(lambda text: quote(text, safe="")),
+    )
+
+
+def _json_value() -> st.SearchStrategy[Any]:
+    scalars = st.one_of(
+        st.none(),
+        st.booleans(),
+        st.integers(),
+        st.sampled_from([2048, 256, 3, 65537, -1, 0, 2**64]),
+        st.floats(allow_nan=False),
+        st.sampled_from(WORDS),
+        st.text(max_size=40),
+    )
+    return st.recursive(
+        scalars,
+        lambda children: st.one_of(
+            st.lists(children, max_size=4),
+            st.dictionaries(st.one_of(st.sampled_from(FIELDS), st.text(max_size=8)), children, max_size=6),
+        ),
+        max_leaves=24,
+    )
+
+
+_METHODS = sorted({route.method for route in urls.ROUTES} | {"HEAD", "OPTIONS", "TRACE", "CONNECT", "get"})
+_TOKEN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,16}"  # what HTTP allows in a method or header name
+_HEADER_VALUE = st.text(
+    alphabet=st.characters(min_codepoint=0x20, max_codepoint=0xFF, blacklist_characters="\x7f"), max_size=60
+)
+
+
+@st.composite
+def requests_for(draw: Any, route: urls.Route, token: str) -> Tuple[str, bytes]:
+    """One request for ``route``, usually well aimed, often otherwise wrong: its method and the raw bytes."""
+    method = draw(
+        st.one_of(st.just(route.method), st.sampled_from(_METHODS), st.from_regex(_TOKEN, fullmatch=True))
+    )
+    path = _template(route.pattern).format(
+        name=draw(_segment()), version=draw(_segment()), slash=draw(st.sampled_from(["", "/"]))
+    )
+    query = draw(
+        st.lists(
+            st.tuples(
+                st.sampled_from(["api-version", "maxresults", "$skiptoken", "x"]) | st.text(max_size=8),
+                st.sampled_from(API_VERSIONS)
+                | st.sampled_from(["1", "25", "99", "-1", ""])
+                | st.text(max_size=20),
+            ),
+            max_size=4,
+        )
+    )
+    query = [("api-version", draw(st.sampled_from(API_VERSIONS)))] * draw(st.booleans()) + query
+    target = path + ("?" + urlencode(query) if query else "")
+    authorization = draw(st.sampled_from([f"Bearer {token}", f"Bearer {token}"[:-3] + "abc", "", "Basic x"]))
+    headers = draw(
+        st.lists(
+            st.tuples(st.from_regex(_TOKEN, fullmatch=True), _HEADER_VALUE).filter(
+                lambda header: header[0].lower() not in FRAMING_HEADERS
+            ),
+            max_size=5,
+        )
+    )
+    body = draw(
+        st.one_of(
+            st.just(b""),
+            _json_value().map(lambda value: json.dumps(value).encode()),
+            st.binary(max_size=300),
+        )
+    )
+    lines = [f"{method} {target} HTTP/1.1", "Host: 127.0.0.1", "Connection: close"]
+    if authorization:
+        lines.append(f"Authorization: {authorization}")
+    lines += [f"{name}: {value}" for name, value in headers]
+    lines.append(f"Content-Length: {len(body)}")
+    return method, ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+def _send(vault: Any, method: str, data: bytes) -> Tuple[int, bytes]:
+    context = ssl.create_default_context(cafile=vault.ca_file)
+    raw_sock = socket.create_connection(("127.0.0.1", vault.port), timeout=30)
+    with context.wrap_socket(raw_sock, server_hostname="127.0.0.1") as sock:
+        sock.sendall(data)
+        response = http.client.HTTPResponse(sock, method=method)
+        response.begin()
+        return response.status, response.read()
+
+
+@pytest.mark.parametrize("route", urls.ROUTES, ids=lambda route: f"{route.method} {route.pattern}")
+def test_no_request_to_any_route_gets_a_5xx(localvault, key_client, unique_key_name, route):
+    token = localvault.credential().get_token("https://vault.azure.net/.default").token
+
+    @PER_ROUTE
+    @given(request=requests_for(route, token))
+    def answers_without_5xx(request: Tuple[str, bytes]) -> None:
+        method, data = request
+        status, body = _send(localvault, method, data)
+        if status >= 400 and body:
+            payload = json.loads(body)
+            assert set(payload) == {"error"}, payload
+            code = payload["error"]["code"]
+            assert isinstance(code, str) and isinstance(payload["error"]["message"], str)
+        assert status < 500, (data[:300], status, body[:300])
+
+    answers_without_5xx()
+    # and a normal request still works afterwards
+    key = key_client.create_ec_key(unique_key_name)
+    assert key_client.get_key(unique_key_name).id == key.id
