@@ -13,7 +13,7 @@ from typing import Any, Dict, Iterable, List, Optional
 
 from . import tls
 from .clock import Clock
-from .control import Controls
+from .control import KEY_PERMISSIONS, Controls
 from .faults import FaultPlan
 from .models import KeyStore
 from .server import IdentityServer, VaultServer
@@ -200,6 +200,25 @@ class LocalVault:
     def set_delete_delay(self, seconds: float) -> None:
         """Deletions and recoveries started from now take ``seconds`` of the vault's clock to complete."""
         self.store.set_delete_delay(seconds)
+
+    def describe_controls(self) -> str:
+        """The controls not at their defaults, in words, e.g. ``faults 429=0.2 (seed 7); sku standard``."""
+        faults = self.faults.describe()
+        parts = []
+        if faults["rates"]:
+            rates = ",".join(f"{kind}={rate:g}" for kind, rate in faults["rates"].items())
+            seed = "" if faults["seed"] is None else f" (seed {faults['seed']})"
+            only = "" if faults["operations"] is None else f" for {','.join(faults['operations'])}"
+            parts.append(f"faults {rates}{seed}{only}")
+        if self.store.delete_delay:
+            parts.append(f"delete delay {self.store.delete_delay:g}s")
+        if len(self.key_permissions) < len(KEY_PERMISSIONS):
+            parts.append(f"key permissions {','.join(self.key_permissions) or 'none'}")
+        if self.store.purge_protection:
+            parts.append("purge protection")
+        if self.store.sku != "premium" and not self.managed_hsm:
+            parts.append(f"sku {self.store.sku}")
+        return "; ".join(parts)
 
     def requests(self) -> List[Dict[str, Any]]:
         """The Key Vault requests served (the last 10,000), oldest first: ``method``, ``path`` (no query),
