@@ -14,7 +14,7 @@ import pytest
 import requests
 
 from localvault import LocalVault
-from localvault.cli import read_exports
+from localvault.cli import build_parser, read_exports
 from localvault.control import CONTROL_ROUTES, KEY_PERMISSIONS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -254,3 +254,28 @@ def test_standalone_vault_is_controlled_from_plain_requests(standalone):
     assert [(e["operation"], e["status"], e["fault"]) for e in log] == [("GetKeys", 503, "503")]
     session.close()
     vault.close()
+
+
+def test_export_lines_name_the_controls_in_force():
+    vault = LocalVault(
+        faults={"429": 0.2}, fault_seed=7, key_permissions=["get"], purge_protection=True, sku="standard"
+    )
+    assert (
+        vault.describe_controls()
+        == "faults 429=0.2 (seed 7); key permissions get; purge protection; sku standard"
+    )
+    assert LocalVault().describe_controls() == ""
+
+
+def test_readme_documents_each_control_option_in_the_words_of_help():
+    parser = build_parser("python -m localvault")
+    group = next(g for g in parser._action_groups if g.title == "controls")
+    with open(os.path.join(ROOT, "localvault", "README.md"), encoding="utf-8") as readme:
+        lines = readme.read().splitlines()
+    text = " ".join(" ".join(lines).split())
+    examples = [line for line in lines if line.startswith("python -m localvault ")]
+    for action in group._group_actions:
+        help_text = action.help % {"default": action.default} if "%(default)" in action.help else action.help
+        option = action.option_strings[0]
+        assert " ".join(help_text.split()) in text, option
+        assert any(option in example.split() for example in examples), option
