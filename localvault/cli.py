@@ -12,8 +12,11 @@ import signal
 import sys
 import tempfile
 import threading
-from typing import Dict, Iterable, List, Optional
+from typing import Any, Callable, Dict, Iterable, List, Optional
 
+from .control import parse_permissions
+from .faults import parse_operations, parse_rates
+from .models import SKUS, check_delay
 from .vault import LOOPBACK, LocalVault, is_loopback
 
 EXIT_OK, EXIT_USAGE = 0, 2
@@ -25,6 +28,26 @@ def _retention(text: str) -> int:
     if not 7 <= days <= 90:
         raise argparse.ArgumentTypeError("must be between 7 and 90")
     return days
+
+
+def _checked(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """An argparse type from a parser that raises ValueError with a readable message."""
+
+    def convert(text: str) -> Any:
+        try:
+            return parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return convert
+
+
+def _delay(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise ValueError("must be a number of seconds") from None
+    return check_delay(seconds)
 
 
 def prog_name() -> str:
@@ -81,6 +104,61 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
         "instead of printing them; load them with '. PATH'. They carry IDENTITY_HEADER, the secret that "
         "gets tokens for this vault, which a redirect such as '> PATH' leaves readable by every local user",
     )
+    controls = parser.add_argument_group(
+        "controls",
+        "Make the vault fail as a real one does. Tests can change faults, the delete delay and key "
+        "permissions at run time through the control API under /_localvault/ on the vault's port, "
+        "which needs the IDENTITY_HEADER secret in X-IDENTITY-HEADER.",
+    )
+    controls.add_argument(
+        "--faults",
+        type=_checked(parse_rates),
+        default={},
+        metavar="FAULT=RATE,...",
+        help="answer this share of requests with an injected failure, decided before the request is "
+        "processed: 429 (Throttled, with Retry-After), 500, 503, or drop (close the connection with no "
+        "answer); e.g. 429=0.2,503=0.1 (default: none)",
+    )
+    controls.add_argument(
+        "--fault-seed",
+        type=int,
+        metavar="N",
+        help="seed for --faults, so the same requests fail on every run (default: random)",
+    )
+    controls.add_argument(
+        "--fault-operations",
+        type=_checked(parse_operations),
+        metavar="OPERATION,...",
+        help="apply --faults only to these operations (keys.json operationIds, e.g. CreateKey,GetKey; "
+        "default: all)",
+    )
+    controls.add_argument(
+        "--delete-delay",
+        type=_checked(_delay),
+        default=0.0,
+        metavar="SECONDS",
+        help="time a deletion or a recovery takes to complete, 0 to 3600 seconds of the vault's clock; "
+        "until then the deleted key is not found and its name cannot be reused (default: 0)",
+    )
+    controls.add_argument(
+        "--key-permissions",
+        type=_checked(parse_permissions),
+        metavar="PERMISSION,...",
+        help="access-policy key permissions tokens have, e.g. get,list,create (any case); other "
+        "operations get 403 Forbidden (default: all)",
+    )
+    controls.add_argument(
+        "--purge-protection",
+        action="store_true",
+        help="refuse to purge deleted keys (403); they are purged at their scheduled purge date",
+    )
+    controls.add_argument(
+        "--sku",
+        choices=SKUS,
+        default="premium",
+        help="standard refuses RSA-HSM and EC-HSM keys with 403 Forbidden; ignored with --managed-hsm "
+        "(default: %(default)s)",
+    )
     parser.add_argument("--verbose", action="store_true", help="log every request on stderr")
     return parser
 
@@ -89,6 +167,9 @@ def exports(vault: LocalVault) -> List[str]:
     kind = "Managed HSM" if vault.managed_hsm else "Azure Key Vault"
     lines = [f"# localvault: {kind} (keys) at {vault.url}; tokens from {vault.identity_endpoint}"]
     lines += [f"export {name}={shlex.quote(value)}" for name, value in vault.environ().items()]
+    controls = vault.describe_controls()
+    if controls:
+        lines.append(f"# Controls: {controls}; control API under {vault.url}/_localvault/")
     lines += [
         f"# CA certificate to trust: {vault.ca_file}",
         "# A KeyClient for this vault needs two keyword arguments:",
@@ -140,6 +221,13 @@ def main(argv: Optional[List[str]] = None, prog: Optional[str] = None) -> int:
         identity_port=args.identity_port,
         retention_days=args.retention_days,
         managed_hsm=args.managed_hsm,
+        faults=args.faults,
+        fault_seed=args.fault_seed,
+        fault_operations=args.fault_operations,
+        key_permissions=args.key_permissions,
+        delete_delay=args.delete_delay,
+        purge_protection=args.purge_protection,
+        sku=args.sku,
     )
     try:
         vault.start()

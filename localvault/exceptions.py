@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import ClassVar, Dict, Optional
 
 KEY_NOT_FOUND_HELP = (
     "If you recently deleted this key you may be able to recover it using the correct recovery command. "
@@ -15,6 +15,7 @@ class VaultError(Exception):
 
     status = 400
     code = "BadParameter"
+    headers: ClassVar[Dict[str, str]] = {}  # response headers the error adds, such as Retry-After
 
     def __init__(self, message: str, *, inner_code: Optional[str] = None) -> None:
         super().__init__(message)
@@ -41,6 +42,29 @@ class Unauthorized(VaultError):
 class Forbidden(VaultError):
     status = 403
     code = "Forbidden"
+
+    @classmethod
+    def access_denied(cls, permission: str, principal_id: str, tenant_id: str, vault: str) -> Forbidden:
+        """The service's answer to a caller whose access policy lacks a key permission."""
+        return cls(
+            f"The user, group or application 'appid={principal_id};oid={principal_id};"
+            f"iss=https://sts.windows.net/{tenant_id}/' does not have keys {permission} permission on key "
+            f"vault '{vault}'. For help resolving this issue, please see "
+            "https://go.microsoft.com/fwlink/?linkid=2125287",
+            inner_code="AccessDenied",
+        )
+
+    @classmethod
+    def purge_protected(cls, vault: str) -> Forbidden:
+        return cls(
+            'Operation "purge" is not allowed because purge protection is enabled for this vault. '
+            "Key Vault service will automatically purge it after the retention period has passed."
+            f"\r\nVault: {vault}"
+        )
+
+    @classmethod
+    def hardware_key_on_standard(cls) -> Forbidden:
+        return cls("Hardware key operation not allowed on standard vault")
 
 
 class NotFound(VaultError):
@@ -85,6 +109,37 @@ class Conflict(VaultError):
             "in this state, the key can only be recovered or purged.",
             inner_code="ObjectIsDeletedButRecoverable",
         )
+
+    @classmethod
+    def being_deleted(cls, name: str, recreate: bool = True) -> Conflict:
+        """A name whose deletion has not completed: re-created (the first message), or recovered or
+        purged (the shorter message the service gives there)."""
+        message = (
+            f"Key {name} is currently being deleted and cannot be re-created; retry later."
+            if recreate
+            else "Key is currently being deleted."
+        )
+        return cls(message, inner_code="ObjectIsBeingDeleted")
+
+    @classmethod
+    def being_recovered(cls, name: str) -> Conflict:
+        return cls(f"Key {name} is currently being recovered and cannot be re-created; retry later.")
+
+
+class Throttled(VaultError):
+    status = 429
+    code = "Throttled"
+    headers: ClassVar[Dict[str, str]] = {"Retry-After": "1"}
+
+
+class InternalServerError(VaultError):
+    status = 500
+    code = "InternalServerError"
+
+
+class ServiceUnavailable(VaultError):
+    status = 503
+    code = "ServiceUnavailable"
 
 
 class PayloadTooLarge(VaultError):

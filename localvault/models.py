@@ -58,6 +58,9 @@ MAX_DURATION_CHARS = 64
 MAX_CATCH_UP_ROTATIONS = 32
 _MAX_DUE_STEPS = 100_000
 _parse_duration = functools.lru_cache(maxsize=256)(isodate.parse_duration)
+SKUS = ("standard", "premium")
+# How the vault names itself in error messages, as "<vault name>;location=<region>".
+VAULT_LOCATION = "localvault;location=localvault"
 
 
 @dataclass
@@ -125,6 +128,21 @@ class DeletedKey:
     record: KeyRecord
     deleted_date: int
     scheduled_purge_date: int
+
+
+@dataclass
+class Pending:
+    """A deletion or recovery that completes, on the vault's clock, at ``done``."""
+
+    done: float
+    deleted: DeletedKey
+
+
+def check_delay(seconds: float) -> float:
+    """A delete delay: a finite number of seconds, 0 to an hour."""
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 0 <= seconds <= 3600:
+        raise ValueError("the delete delay must be a number of seconds between 0 and 3600")
+    return float(seconds)
 
 
 def validate_key_ops(key_ops: Optional[List[str]]) -> Optional[List[str]]:
@@ -288,26 +306,49 @@ class KeyStore:
         backup_secret: Optional[bytes] = None,
         clock: Optional[Clock] = None,
         managed_hsm: bool = False,
+        delete_delay: float = 0.0,
+        purge_protection: bool = False,
+        sku: str = "premium",
     ) -> None:
         if not 7 <= retention_days <= 90:
             raise ValueError("retention_days must be between 7 and 90")
+        if sku not in SKUS:
+            raise ValueError(f"sku must be one of {', '.join(SKUS)}")
         self.retention_days = retention_days
         self.managed_hsm = managed_hsm  # a Managed HSM rather than a Premium key vault
+        self.delete_delay = check_delay(delete_delay)
+        self.purge_protection = purge_protection
+        self.sku = sku
         self.clock = clock or Clock()
         self._aead = AESGCM(backup_secret or _PROCESS_BACKUP_SECRET)
         self._lock = threading.RLock()
         self._keys: Dict[str, KeyRecord] = {}
         self._deleted: Dict[str, DeletedKey] = {}
+        # Deletions and recoveries not complete yet: in neither collection until then.
+        self._deleting: Dict[str, Pending] = {}
+        self._recovering: Dict[str, Pending] = {}
 
     @property
     def recovery_level(self) -> str:
-        return "Recoverable+Purgeable" if self.retention_days == 90 else "CustomizedRecoverable+Purgeable"
+        level = "Recoverable" if self.retention_days == 90 else "CustomizedRecoverable"
+        return level if self.purge_protection else level + "+Purgeable"
+
+    def set_delete_delay(self, seconds: float) -> None:
+        """Deletions and recoveries started from now on take ``seconds`` on the vault's clock."""
+        self.delete_delay = check_delay(seconds)
+
+    def check_key_type(self, kty: str) -> None:
+        """A standard vault refuses hardware-protected keys; a Managed HSM has no SKU."""
+        if kty.endswith("-HSM") and self.sku == "standard" and not self.managed_hsm:
+            raise Forbidden.hardware_key_on_standard()
 
     def reset(self) -> None:
         """Forget every key, version and deleted key, and put the clock back to real time."""
         with self._lock:
             self._keys.clear()
             self._deleted.clear()
+            self._deleting.clear()
+            self._recovering.clear()
             self.clock.reset()
 
     # -- the clock ------------------------------------------------------------------------------
@@ -316,7 +357,15 @@ class KeyStore:
         """Bring the store up to the clock and return the time (lock held): due Rotate actions have made
         their versions, as of their due times, and deleted keys past their scheduled purge date are gone.
         Every read and write calls this first, so a moved clock takes effect when the vault is next asked."""
-        now = int(self.clock.now())
+        exact = self.clock.now()
+        now = int(exact)
+        for pending, target in ((self._deleting, self._deleted), (self._recovering, None)):
+            for lower in [n for n, p in pending.items() if p.done <= exact]:
+                done = pending.pop(lower).deleted
+                if target is None:
+                    self._keys[lower] = done.record
+                else:
+                    target[lower] = done
         for record in self._keys.values():
             if record.policy is not None and record.policy.rotate_action() is not None:
                 self._rotate_due(record, record.policy, now)
@@ -466,9 +515,20 @@ class KeyStore:
     def check_name_free(self, name: str) -> None:
         with self._lock:
             self._catch_up()
-            deleted = self._deleted.get(name.lower())
+            lower = name.lower()
+            deleted = self._deleted.get(lower)
+            deleting, recovering = self._deleting.get(lower), self._recovering.get(lower)
+        if deleting is not None:
+            raise Conflict.being_deleted(deleting.deleted.record.name)
+        if recovering is not None:
+            raise Conflict.being_recovered(recovering.deleted.record.name)
         if deleted is not None:
             raise Conflict.deleted_but_recoverable(deleted.record.name)
+
+    def _check_not_deleting(self, name: str) -> None:
+        """Recover and purge wait for a deletion to complete: 409 until then (lock held)."""
+        if name.lower() in self._deleting:
+            raise Conflict.being_deleted(name, recreate=False)
 
     def add_version(
         self,
@@ -483,6 +543,7 @@ class KeyStore:
         tags: Optional[Dict[str, str]] = None,
     ) -> KeyVersion:
         """Store a new version (create or import); the name keeps the case it was first given."""
+        self.check_key_type(kty)
         key_ops = validate_key_ops(key_ops)
         tags = validate_tags(tags)
         with self._lock:
@@ -537,19 +598,32 @@ class KeyStore:
             record = self._record(name)
             deleted = DeletedKey(record, now, now + self.retention_days * SECONDS_PER_DAY)
             del self._keys[name.lower()]
-            self._deleted[name.lower()] = deleted
+            if self.delete_delay:
+                self._deleting[name.lower()] = Pending(self.clock.now() + self.delete_delay, deleted)
+            else:
+                self._deleted[name.lower()] = deleted
             return deleted
 
     def recover(self, name: str) -> KeyVersion:
         with self._lock:
+            self._catch_up()
+            self._check_not_deleting(name)
             deleted = self.get_deleted(name)
             del self._deleted[name.lower()]
-            self._keys[name.lower()] = deleted.record
+            if self.delete_delay:
+                self._recovering[name.lower()] = Pending(self.clock.now() + self.delete_delay, deleted)
+            else:
+                self._keys[name.lower()] = deleted.record
             return deleted.record.current()
 
     def purge(self, name: str) -> None:
+        """Purge a deleted key; 403 with purge protection, which leaves purging to the scheduled date."""
         with self._lock:
+            self._catch_up()
+            self._check_not_deleting(name)
             self.get_deleted(name)
+            if self.purge_protection:
+                raise Forbidden.purge_protected(VAULT_LOCATION)
             del self._deleted[name.lower()]
 
     # -- rotation -------------------------------------------------------------------------------
@@ -615,6 +689,7 @@ class KeyStore:
 
     def restore(self, blob: bytes) -> KeyVersion:
         record = self._open_backup(blob)
+        self.check_key_type(record.current().kty)
         if not self.managed_hsm and record.current().family == "oct":
             raise BadParameter("This backup holds an oct key, which only a Managed HSM can restore.")
         with self._lock:

@@ -207,8 +207,9 @@ def create_key(req: Request, name: str) -> Response:
     _no_release_policy(body)
     kty = _field(body, "kty", str, required=True)
     key_ops, tags, attributes = _key_ops(body), _tags(body), _attributes(body)
-    # Generating is slow, so it happens before the store is locked; the store re-checks the name.
+    # Generating is slow, so it happens before the store is locked; the store re-checks name and type.
     req.store.check_name_free(name)
+    req.store.check_key_type(kty)
     private_key = generate_key(
         kty,
         _field(body, "key_size", int),

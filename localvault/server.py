@@ -19,8 +19,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Dict, Optional, Set, Tuple
 from urllib.parse import SplitResult, parse_qsl, urlsplit
 
-from . import urls
+from . import control, urls
 from .exceptions import BadParameter, MethodNotAllowed, PayloadTooLarge, Unauthorized, VaultError
+from .faults import DROP, DropConnection, fault_of
 from .models import KeyStore
 from .responses import Request
 from .tokens import MANAGED_HSM_RESOURCE, TENANT_ID, VAULT_RESOURCE, TokenIssuer
@@ -242,6 +243,8 @@ class _Server(ThreadingHTTPServer):
 class VaultServer(_Server):
     """HTTPS server for the keys API. The TLS handshake happens in the connection's own thread."""
 
+    controls: control.Controls  # faults, permissions, the request log; set by LocalVault
+
     def __init__(
         self,
         address: Tuple[str, int],
@@ -443,12 +446,20 @@ class VaultHandler(_Handler):
     server: VaultServer
 
     def _dispatch(self) -> None:
+        if control.is_control(self.path):
+            return control.handle(self)
         headers = dict(SERVICE_HEADERS, **{"x-ms-request-id": str(uuid.uuid4())})
+        fault: Optional[str] = None
         try:
             self._authenticate(headers)
             status, payload = self._handle(self.read_body())
+        except DropConnection:  # an injected fault: no answer at all
+            self.close_connection = True
+            self.server.controls.log.record(self.command, self.path, None, DROP)
+            return
         except VaultError as error:
-            status, payload = error.status, error.body()
+            status, payload, fault = error.status, error.body(), fault_of(error)
+            headers.update(error.headers)
         except _CLIENT_GONE:
             raise
         except Exception:  # a bug in localvault; the server keeps serving
@@ -458,6 +469,8 @@ class VaultHandler(_Handler):
                 {"error": {"code": "InternalError", "message": "localvault internal error"}},
             )
         self.send_json(status, payload, headers)
+        # logged before the answer is flushed, so a client that has its answer finds it in the log
+        self.server.controls.log.record(self.command, self.path, status, fault)
 
     def _handle(self, body: bytes) -> Tuple[int, Optional[Dict[str, Any]]]:
         if not hasattr(self, "do_" + self.command):  # a method no route serves, whatever the path
@@ -473,6 +486,7 @@ class VaultHandler(_Handler):
                 f"Consider using the latest supported version ({LATEST_API_VERSION})."
             )
         route, params = urls.resolve(self.command, split.path)
+        self.server.controls.check(route)
         request = Request(
             self.server.store, self.server.base_url, split.path.rstrip("/"), api_version, query, body
         )

@@ -9,10 +9,12 @@ import shutil
 import tempfile
 import threading
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterable, List, Optional
 
 from . import tls
 from .clock import Clock
+from .control import KEY_PERMISSIONS, Controls
+from .faults import FaultPlan
 from .models import KeyStore
 from .server import MAX_CONNECTIONS, IdentityServer, VaultServer
 from .tokens import MANAGED_HSM_RESOURCE, VAULT_RESOURCE, TokenIssuer
@@ -44,6 +46,13 @@ class LocalVault:
 
     Each endpoint serves at most ``max_connections`` connections at once: beyond that it closes one
     that waits idle for its next request, or else the new one.
+
+    Controls (each also settable at run time, and restored by ``reset()``; see the README's Controls):
+    ``faults`` (``{"429": 0.2, "503": 0.1}``: rates of injected failures, ``drop`` closes the
+    connection), ``fault_seed``, ``fault_operations`` (keys.json operationIds the rates apply to),
+    ``key_permissions`` (access-policy key permissions; None: all), ``delete_delay`` (seconds a
+    deletion or recovery takes on the vault's clock). Fixed for the vault's life: ``purge_protection``
+    and ``sku`` (``"premium"`` or ``"standard"``, which refuses RSA-HSM and EC-HSM keys).
     """
 
     def __init__(
@@ -55,6 +64,14 @@ class LocalVault:
         backup_secret: Optional[bytes] = None,
         managed_hsm: bool = False,
         max_connections: int = MAX_CONNECTIONS,
+        *,
+        faults: Optional[Dict[str, float]] = None,
+        fault_seed: Optional[int] = None,
+        fault_operations: Optional[Iterable[str]] = None,
+        key_permissions: Optional[Iterable[str]] = None,
+        delete_delay: float = 0.0,
+        purge_protection: bool = False,
+        sku: str = "premium",
     ) -> None:
         if max_connections < 1:
             raise ValueError("max_connections must be at least 1")
@@ -68,9 +85,21 @@ class LocalVault:
             backup_secret=backup_secret,
             clock=self.clock,
             managed_hsm=managed_hsm,
+            delete_delay=delete_delay,
+            purge_protection=purge_protection,
+            sku=sku,
         )
         self.issuer = TokenIssuer()
         self._identity_secret = secrets.token_urlsafe(24)
+        self.faults = FaultPlan(dict(faults or {}), fault_seed, fault_operations)  # type: ignore[arg-type]
+        self.controls = Controls(
+            self.store,
+            self.issuer.principal_id,
+            self._identity_secret,
+            self.faults,
+            key_permissions,
+            self.wait_idle,
+        )
         self._dir: Optional[str] = None
         self._vault_server: Optional[VaultServer] = None
         self._identity_server: Optional[IdentityServer] = None
@@ -97,6 +126,7 @@ class LocalVault:
                 self.max_connections,
             )
             self._vault_server.base_url = self.url  # ids and links name the vault, whatever Host says
+            self._vault_server.controls = self.controls
         except BaseException:
             self._close_servers()
             shutil.rmtree(self._dir, ignore_errors=True)
@@ -141,8 +171,74 @@ class LocalVault:
         self.stop()
 
     def reset(self) -> None:
-        """Forget every key, version and deleted key, and put the clock back to real time."""
-        self.store.reset()
+        """Forget every key, version and deleted key, put the clock back to real time, empty the request
+        log, and put faults, delete delay and key permissions back to how the vault was created."""
+        self.controls.reset()
+
+    # -- controls -------------------------------------------------------------------------------
+
+    def set_faults(
+        self,
+        rates: Optional[Dict[str, float]] = None,
+        seed: Optional[int] = None,
+        operations: Optional[Iterable[str]] = None,
+    ) -> None:
+        """Inject failures at these rates from now on, e.g. ``set_faults({"429": 0.2}, seed=7)``: a fault
+        (``429``, ``500``, ``503`` or ``drop``) per rate, only for ``operations`` (keys.json operationIds)
+        if given. ``{}`` stops them. The random sequence starts again from the seed. ValueError if invalid."""
+        self.faults.configure(rates, seed, operations)
+
+    def fail_next(
+        self, count: int = 1, fault: str = "503", operations: Optional[Iterable[str]] = None
+    ) -> None:
+        """Fail the next ``count`` requests (of ``operations``, if given) with ``fault``."""
+        self.faults.fail_next(count, fault, operations)
+
+    def clear_faults(self) -> None:
+        """No injected failures: no rates and no pending ``fail_next``."""
+        self.faults.clear()
+
+    @property
+    def key_permissions(self) -> List[str]:
+        """The key permissions tokens have, sorted."""
+        return sorted(self.controls.key_permissions, key=str.lower)
+
+    def set_key_permissions(self, permissions: Optional[Iterable[str]]) -> None:
+        """Allow only these access-policy key permissions (any case; ``"all"``, or None, for every one);
+        other operations get the service's 403. ValueError for an unknown name."""
+        self.controls.set_key_permissions(permissions)
+
+    def set_delete_delay(self, seconds: float) -> None:
+        """Deletions and recoveries started from now take ``seconds`` of the vault's clock to complete."""
+        self.store.set_delete_delay(seconds)
+
+    def describe_controls(self) -> str:
+        """The controls not at their defaults, in words, e.g. ``faults 429=0.2 (seed 7); sku standard``."""
+        faults = self.faults.describe()
+        parts = []
+        if faults["rates"]:
+            rates = ",".join(f"{kind}={rate:g}" for kind, rate in faults["rates"].items())
+            seed = "" if faults["seed"] is None else f" (seed {faults['seed']})"
+            only = "" if faults["operations"] is None else f" for {','.join(faults['operations'])}"
+            parts.append(f"faults {rates}{seed}{only}")
+        if self.store.delete_delay:
+            parts.append(f"delete delay {self.store.delete_delay:g}s")
+        if len(self.key_permissions) < len(KEY_PERMISSIONS):
+            parts.append(f"key permissions {','.join(self.key_permissions) or 'none'}")
+        if self.store.purge_protection:
+            parts.append("purge protection")
+        if self.store.sku != "premium" and not self.managed_hsm:
+            parts.append(f"sku {self.store.sku}")
+        return "; ".join(parts)
+
+    def requests(self) -> List[Dict[str, Any]]:
+        """The Key Vault requests served (the last 10,000), oldest first: ``method``, ``path`` (no query),
+        ``operation`` (keys.json operationId or None), ``status`` (None for a dropped connection),
+        ``fault`` (the injected fault or None) and ``time`` (ISO 8601, UTC)."""
+        return self.controls.log.entries()
+
+    def clear_requests(self) -> None:
+        self.controls.log.clear()
 
     def wait_idle(self, timeout: float = 10.0) -> bool:
         """Wait until no request is in flight on either endpoint: none being read, handled or answered,

@@ -1,0 +1,215 @@
+"""Key permissions (the service's 403 naming the missing one), purge protection and the SKU."""
+
+from __future__ import annotations
+
+import re
+from typing import Iterator
+
+import pytest
+from azure.core.exceptions import HttpResponseError, ResourceNotFoundError
+from conftest import RawVault, error_of
+from cryptography.hazmat.primitives.asymmetric import ec
+from test_localvault_crypto import ec_jwk
+
+from localvault import LocalVault
+from localvault.control import KEY_PERMISSIONS
+from localvault.tokens import TENANT_ID
+from localvault.urls import ROUTES
+
+PURGE_PROTECTED = (
+    'Operation "purge" is not allowed because purge protection is enabled for this vault. Key Vault service '
+    "will automatically purge it after the retention period has passed.\r\nVault: localvault;location=localvault"
+)
+HARDWARE_ON_STANDARD = "Hardware key operation not allowed on standard vault"
+
+
+def denied(vault: LocalVault, permission: str) -> str:
+    principal = vault.issuer.principal_id
+    return (
+        f"The user, group or application 'appid={principal};oid={principal};"
+        f"iss=https://sts.windows.net/{TENANT_ID}/' does not have keys {permission} permission on key vault "
+        "'localvault;location=localvault'. For help resolving this issue, please see "
+        "https://go.microsoft.com/fwlink/?linkid=2125287"
+    )
+
+
+def _concrete(pattern: str) -> str:
+    """A request path for a route pattern: key ``k``, version ``v1``; the empty version for ANY_VERSION."""
+    path = pattern.replace("(?P<name>[^/]+)", "k").replace("(?P<version>[^/]+)", "v1")
+    return path.replace("(?P<version>[^/]*)", "").replace("/?", "")
+
+
+PROTECTED_ROUTES = [r for r in ROUTES if r.permission]
+
+
+@pytest.mark.parametrize(
+    "route", PROTECTED_ROUTES, ids=[f"{r.method} {_concrete(r.pattern)}" for r in PROTECTED_ROUTES]
+)
+def test_each_operation_without_its_permission_gets_the_services_403(localvault, raw, route):
+    localvault.set_key_permissions(KEY_PERMISSIONS - {route.permission})
+    response = raw.request(route.method, _concrete(route.pattern), json={})
+    assert response.status_code == 403
+    assert error_of(response) == {
+        "code": "Forbidden",
+        "message": denied(localvault, route.permission),
+        "innererror": {"code": "AccessDenied"},
+    }
+    assert localvault.requests()[-1]["operation"] == route.operation
+
+
+def test_every_access_policy_key_permission_is_known():
+    assert {p.lower() for p in KEY_PERMISSIONS} == {
+        *[
+            "backup",
+            "create",
+            "decrypt",
+            "delete",
+            "encrypt",
+            "get",
+            "getrotationpolicy",
+            "import",
+            "list",
+            "purge",
+            "recover",
+            "release",
+        ],
+        *["restore", "rotate", "setrotationpolicy", "sign", "unwrapkey", "update", "verify", "wrapkey"],
+    }
+
+
+def test_a_refused_create_makes_no_key_and_a_refused_delete_leaves_it(
+    localvault, key_client, unique_key_name
+):
+    localvault.set_key_permissions(["get", "list", "delete"])
+    with pytest.raises(HttpResponseError) as refused:
+        key_client.create_ec_key(unique_key_name)
+    assert refused.value.status_code == 403 and refused.value.error.code == "Forbidden"
+    assert denied(localvault, "create") in refused.value.message
+    localvault.set_key_permissions(None)
+    key = key_client.create_ec_key(unique_key_name)
+    localvault.set_key_permissions(["GET", "List"])  # names in any case
+    assert localvault.key_permissions == ["get", "list"]
+    with pytest.raises(HttpResponseError) as refused:
+        key_client.begin_delete_key(unique_key_name)
+    assert denied(localvault, "delete") in refused.value.message
+    assert key_client.get_key(unique_key_name).id == key.id
+
+
+def test_a_refused_purge_leaves_the_deleted_key(localvault, key_client, unique_key_name):
+    key_client.create_ec_key(unique_key_name)
+    key_client.begin_delete_key(unique_key_name).wait()
+    localvault.set_key_permissions(["all"])
+    assert set(localvault.key_permissions) == KEY_PERMISSIONS
+    localvault.set_key_permissions(KEY_PERMISSIONS - {"purge"})
+    with pytest.raises(HttpResponseError) as refused:
+        key_client.purge_deleted_key(unique_key_name)
+    assert refused.value.status_code == 403 and denied(localvault, "purge") in refused.value.message
+    assert key_client.get_deleted_key(unique_key_name).name == unique_key_name
+
+
+def test_no_permissions_still_allows_what_needs_none(localvault, raw):
+    localvault.set_key_permissions([])
+    assert raw.request("GET", "/keys").status_code == 403
+    # random bytes need no key permission: a key vault answers its own 400, not 403
+    assert raw.request("POST", "/rng", json={"count": 8}).status_code == 400
+
+
+def test_reset_gives_every_permission_back(localvault, raw):
+    localvault.set_key_permissions(["get"])
+    localvault.reset()
+    assert raw.request("GET", "/keys").status_code == 200
+
+
+@pytest.mark.parametrize("names", [["get", "sing"], "get,list", [None], ["*"]])
+def test_unknown_permissions_are_refused(localvault, names):
+    with pytest.raises(ValueError):
+        localvault.set_key_permissions(names)
+    assert set(localvault.key_permissions) == KEY_PERMISSIONS
+
+
+# -- purge protection -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def protected_vault() -> Iterator[LocalVault]:
+    with LocalVault(purge_protection=True) as vault:
+        yield vault
+
+
+def test_purge_protection_refuses_purge_and_the_key_stays_recoverable(protected_vault, unique_key_name):
+    protected_vault.reset()
+    client = protected_vault.key_client()
+    key = client.create_ec_key(unique_key_name)
+    assert key.properties.recovery_level == "Recoverable"
+    deleted = client.begin_delete_key(unique_key_name).result()
+    assert deleted.properties.recovery_level == "Recoverable"
+    with pytest.raises(HttpResponseError) as refused:
+        client.purge_deleted_key(unique_key_name)
+    assert refused.value.status_code == 403 and refused.value.error.code == "Forbidden"
+    assert refused.value.error.message == PURGE_PROTECTED
+    assert client.begin_recover_deleted_key(unique_key_name).result().id == key.id
+    client.close()
+
+
+def test_purge_protection_still_purges_at_the_scheduled_date(protected_vault, unique_key_name):
+    protected_vault.reset()
+    raw = RawVault(protected_vault)
+    assert raw.request("POST", f"/keys/{unique_key_name}/create", json={"kty": "EC"}).status_code == 200
+    assert raw.request("DELETE", f"/keys/{unique_key_name}").status_code == 200
+    protected_vault.clock.advance(days=90)
+    response = raw.request("DELETE", f"/deletedkeys/{unique_key_name}")
+    assert response.status_code == 404 and error_of(response)["code"] == "KeyNotFound"
+    raw.close()
+
+
+def test_purge_protection_with_short_retention_is_customized_recoverable(unique_key_name):
+    with LocalVault(purge_protection=True, retention_days=7) as vault:
+        client = vault.key_client()
+        key = client.create_ec_key(unique_key_name)
+        assert (key.properties.recovery_level, key.properties.recoverable_days) == (
+            "CustomizedRecoverable",
+            7,
+        )
+        client.close()
+
+
+# -- the SKU ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def standard_vault() -> Iterator[LocalVault]:
+    with LocalVault(sku="standard") as vault:
+        yield vault
+
+
+def _hardware_refused(call) -> None:
+    with pytest.raises(HttpResponseError) as refused:
+        call()
+    assert refused.value.status_code == 403
+    assert (refused.value.error.code, refused.value.error.message) == ("Forbidden", HARDWARE_ON_STANDARD)
+
+
+def test_standard_vault_refuses_hardware_keys(standard_vault, key_client, unique_key_name):
+    standard_vault.reset()
+    client = standard_vault.key_client()
+    _hardware_refused(lambda: client.create_rsa_key(unique_key_name, hardware_protected=True))
+    _hardware_refused(lambda: client.create_ec_key(unique_key_name, hardware_protected=True))
+    jwk = ec_jwk(ec.generate_private_key(ec.SECP256R1()), "EC", "P-256")
+    _hardware_refused(lambda: client.import_key(unique_key_name, jwk, hardware_protected=True))
+    # a premium vault's HSM key backup (the vaults of one process share a sealing key)
+    key_client.create_ec_key(unique_key_name, hardware_protected=True)
+    backup = key_client.backup_key(unique_key_name)
+    _hardware_refused(lambda: client.restore_key_backup(backup))
+    with pytest.raises(ResourceNotFoundError):
+        client.get_key(unique_key_name)
+    assert client.create_ec_key(unique_key_name).key_type == "EC"
+    client.close()
+
+
+def test_sku_is_checked_and_managed_hsm_ignores_it(unique_key_name):
+    with pytest.raises(ValueError, match=re.escape("sku must be one of standard, premium")):
+        LocalVault(sku="basic")
+    with LocalVault(managed_hsm=True, sku="standard") as hsm:
+        client = hsm.key_client()
+        assert client.create_ec_key(unique_key_name, hardware_protected=True).key_type == "EC-HSM"
+        client.close()
