@@ -1,0 +1,70 @@
+"""The benchmarks still run: the soak with tiny parameters, and the check it ends with. No timing is
+asserted here; the figures belong to the benchmarks themselves."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SOAK = ROOT / "benchmarks" / "localvault_soak.py"
+
+
+def load_soak():
+    spec = importlib.util.spec_from_file_location("localvault_soak", SOAK)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+soak = load_soak()
+NO_DATA = [] if soak.data_supported() else ["--no-data"]
+
+
+def test_the_soak_runs_and_judges_errors_and_lost_writes(tmp_path: Path) -> None:
+    command = [sys.executable, str(SOAK), "--clients", "2", "--seconds", "1", "--warmup-requests", "20"]
+    command += ["--no-timing-targets", "--data-parent", str(tmp_path), *NO_DATA]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = {line.split()[0]: line for line in done.stdout.splitlines() if line.strip()}
+    for operation in soak.OPERATIONS:
+        assert operation in rows
+    targets = [line for line in done.stdout.splitlines() if line.startswith(("errors:", "lost writes:"))]
+    assert len(targets) == 2 and all(line.endswith("PASS") for line in targets), done.stdout
+    assert "not judged" in done.stdout
+    assert not list(tmp_path.iterdir())  # the --data run's directory is gone
+
+
+@pytest.mark.parametrize("argument", ["--clients=0", "--seconds=0", "--warmup-requests=-1"])
+def test_a_bad_argument_is_one_line_and_exit_2(argument: str) -> None:
+    done = subprocess.run([sys.executable, str(SOAK), argument], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1].startswith("localvault_soak.py: error:")
+    assert "Traceback" not in done.stderr
+
+
+def test_the_final_check_finds_what_the_vault_does_not_hold(key_client, unique_key_name: str) -> None:
+    created = key_client.create_ec_key(unique_key_name, tags={"write": "1"})
+    rotated = key_client.rotate_key(unique_key_name)
+    versions = [created.properties.version, rotated.properties.version]
+    model = soak.KeyModel(unique_key_name, "active", versions, {"write": "1"})
+    assert soak.verify(key_client, model) == []
+
+    lost_version = soak.KeyModel(unique_key_name, "active", [*versions, "0" * 32], {"write": "1"})
+    lost_tags = soak.KeyModel(unique_key_name, "active", versions, {"write": "2"})
+    not_deleted = soak.KeyModel(unique_key_name, "deleted", versions, {"write": "1"})
+    for wrong in (lost_version, lost_tags, not_deleted):
+        problems = soak.verify(key_client, wrong)
+        assert problems and all(line.startswith(f"{unique_key_name}: ") for line in problems)
+
+    key_client.begin_delete_key(unique_key_name).wait()
+    assert soak.verify(key_client, not_deleted) == []
+    assert soak.verify(key_client, model) == [
+        f"{unique_key_name}: the vault has it deleted, the client left it active"
+    ]
