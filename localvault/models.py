@@ -10,7 +10,7 @@ import uuid
 from collections import deque
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
-from typing import Any, Deque, Dict, List, Optional, Tuple
+from typing import Any, Deque, Dict, Iterable, List, Optional, Protocol, Tuple
 
 import isodate
 from cryptography.exceptions import InvalidTag
@@ -119,6 +119,17 @@ class DeletedKey:
     scheduled_purge_date: int
 
 
+class Journal(Protocol):
+    """Where a store records its changes (``localvault.persist``); called with the store's lock held,
+    before the change is acknowledged."""
+
+    def key_changed(self, lower: str, record: Optional[KeyRecord], deleted: Optional[DeletedKey]) -> None:
+        """The key named ``lower`` is now live as ``record``, deleted as ``deleted``, or gone (both None)."""
+
+    def reset(self) -> None:
+        """Every key is gone."""
+
+
 def validate_key_ops(key_ops: Optional[List[str]]) -> Optional[List[str]]:
     if key_ops is None:
         return None
@@ -178,7 +189,9 @@ def regenerate_key(template: KeyVersion) -> PrivateKey:
     """A fresh private key of the same type and size or curve (and public exponent) as ``template``."""
     key = template.private_key
     if isinstance(key, bytes):  # oct-HSM
-        return generate_key(template.kty, len(key) * 8, None, None, managed_hsm=True)  # only a Managed HSM has them
+        return generate_key(
+            template.kty, len(key) * 8, None, None, managed_hsm=True
+        )  # only a Managed HSM has them
     if isinstance(key, rsa.RSAPrivateKey):
         return generate_key(template.kty, key.key_size, key.public_key().public_numbers().e, None)
     return generate_key(template.kty, None, None, template.jwk["crv"])
@@ -286,6 +299,20 @@ class KeyStore:
         self._lock = threading.RLock()
         self._keys: Dict[str, KeyRecord] = {}
         self._deleted: Dict[str, DeletedKey] = {}
+        self.journal: Optional[Journal] = None
+
+    def load(self, keys: Iterable[KeyRecord], deleted: Iterable[DeletedKey], journal: Journal) -> None:
+        """Replace every key with these, and record each change from now on in ``journal``."""
+        with self._lock:
+            self._keys = {record.name.lower(): record for record in keys}
+            self._deleted = {d.record.name.lower(): d for d in deleted}
+            self.journal = journal
+
+    def _changed(self, name: str) -> None:
+        """Tell the journal of the key's new state (lock held)."""
+        if self.journal is not None:
+            lower = name.lower()
+            self.journal.key_changed(lower, self._keys.get(lower), self._deleted.get(lower))
 
     @property
     def recovery_level(self) -> str:
@@ -296,6 +323,8 @@ class KeyStore:
         with self._lock:
             self._keys.clear()
             self._deleted.clear()
+            if self.journal is not None:
+                self.journal.reset()
             self.clock.reset()
 
     # -- the clock ------------------------------------------------------------------------------
@@ -307,9 +336,13 @@ class KeyStore:
         now = int(self.clock.now())
         for record in self._keys.values():
             if record.policy is not None and record.policy.rotate_action() is not None:
+                latest = record.latest
                 self._rotate_due(record, record.policy, now)
+                if record.latest != latest:
+                    self._changed(record.name)
         for lower in [n for n, d in self._deleted.items() if d.scheduled_purge_date <= now]:
             del self._deleted[lower]
+            self._changed(lower)
         return now
 
     @staticmethod
@@ -493,6 +526,7 @@ class KeyStore:
             self._keys[name.lower()] = record
             record.versions[version.version] = version
             record.latest = version.version
+            self._changed(name)
             return version
 
     def update(
@@ -517,6 +551,7 @@ class KeyStore:
                 changes["tags"] = tags
             updated = replace(current, **changes)
             self._keys[name.lower()].versions[current.version] = updated
+            self._changed(name)
             return updated
 
     def delete(self, name: str) -> DeletedKey:
@@ -526,6 +561,7 @@ class KeyStore:
             deleted = DeletedKey(record, now, now + self.retention_days * SECONDS_PER_DAY)
             del self._keys[name.lower()]
             self._deleted[name.lower()] = deleted
+            self._changed(name)
             return deleted
 
     def recover(self, name: str) -> KeyVersion:
@@ -533,12 +569,14 @@ class KeyStore:
             deleted = self.get_deleted(name)
             del self._deleted[name.lower()]
             self._keys[name.lower()] = deleted.record
+            self._changed(name)
             return deleted.record.current()
 
     def purge(self, name: str) -> None:
         with self._lock:
             self.get_deleted(name)
             del self._deleted[name.lower()]
+            self._changed(name)
 
     # -- rotation -------------------------------------------------------------------------------
 
@@ -550,7 +588,9 @@ class KeyStore:
         private_key = regenerate_key(template)
         with self._lock:
             now = self._catch_up()
-            return self._add_rotated(self._record(name), template, private_key, now)
+            version = self._add_rotated(self._record(name), template, private_key, now)
+            self._changed(name)
+            return version
 
     def get_rotation_policy(self, name: str) -> Tuple[str, RotationPolicy]:
         """The key's name as stored, and its policy (the default until one is set)."""
@@ -570,6 +610,7 @@ class KeyStore:
             if record.policy is not None:
                 policy.created = record.policy.created
             record.policy = policy
+            self._changed(name)
             return record.name, policy
 
     # -- backup and restore ---------------------------------------------------------------------
@@ -578,26 +619,7 @@ class KeyStore:
         """All versions of a key and its rotation policy, sealed with this vault's secret (AES-256-GCM)."""
         with self._lock:
             self._catch_up()
-            record = self._record(name)
-            versions = [
-                {
-                    "version": v.version,
-                    "kty": v.kty,
-                    **_sealed_key_material(v.private_key),
-                    "key_ops": v.key_ops,
-                    "enabled": v.enabled,
-                    "created": v.created,
-                    "updated": v.updated,
-                    "nbf": v.nbf,
-                    "exp": v.exp,
-                    "tags": v.tags,
-                }
-                for v in record.versions.values()
-            ]
-            policy = None if record.policy is None else asdict(record.policy)
-            payload = json.dumps(
-                {"name": record.name, "latest": record.latest, "versions": versions, "policy": policy}
-            )
+            payload = json.dumps(record_to_dict(self._record(name)))
         nonce = os.urandom(12)
         return _BACKUP_MAGIC + nonce + self._aead.encrypt(nonce, payload.encode(), _BACKUP_MAGIC)
 
@@ -614,6 +636,7 @@ class KeyStore:
                     "delete and purge it before restoring a backup with the same name."
                 )
             self._keys[record.name.lower()] = record
+            self._changed(record.name)
             return record.current()
 
     def _open_backup(self, blob: bytes) -> KeyRecord:
@@ -625,14 +648,41 @@ class KeyStore:
             data = json.loads(self._aead.decrypt(nonce, sealed, _BACKUP_MAGIC))
         except InvalidTag:
             raise invalid from None
-        record = KeyRecord(name=data["name"], latest=data["latest"])
-        if data.get("policy") is not None:
-            actions = [LifetimeAction(**a) for a in data["policy"].pop("lifetime_actions")]
-            record.policy = RotationPolicy(actions, **data["policy"])
-        for v in data["versions"]:
-            key = _opened_key_material(v)
-            record.versions[v["version"]] = KeyVersion(name=record.name, private_key=key, **v)
-        return record
+        return record_from_dict(data)
+
+
+def record_to_dict(record: KeyRecord) -> Dict[str, Any]:
+    """A key with all its versions, private parts included, and its rotation policy, as JSON data;
+    for sealed backups and the data directory."""
+    versions = [
+        {
+            "version": v.version,
+            "kty": v.kty,
+            **_sealed_key_material(v.private_key),
+            "key_ops": v.key_ops,
+            "enabled": v.enabled,
+            "created": v.created,
+            "updated": v.updated,
+            "nbf": v.nbf,
+            "exp": v.exp,
+            "tags": v.tags,
+        }
+        for v in record.versions.values()
+    ]
+    policy = None if record.policy is None else asdict(record.policy)
+    return {"name": record.name, "latest": record.latest, "versions": versions, "policy": policy}
+
+
+def record_from_dict(data: Dict[str, Any]) -> KeyRecord:
+    """Inverse of record_to_dict; consumes ``data``."""
+    record = KeyRecord(name=data["name"], latest=data["latest"])
+    if data.get("policy") is not None:
+        actions = [LifetimeAction(**a) for a in data["policy"].pop("lifetime_actions")]
+        record.policy = RotationPolicy(actions, **data["policy"])
+    for v in data["versions"]:
+        key = _opened_key_material(v)
+        record.versions[v["version"]] = KeyVersion(name=record.name, private_key=key, **v)
+    return record
 
 
 def _sealed_key_material(key: PrivateKey) -> Dict[str, str]:
