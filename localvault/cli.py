@@ -10,8 +10,10 @@ import shlex
 import signal
 import sys
 import threading
+import warnings
 from typing import Dict, Iterable, List, Optional
 
+from .persist import DATA_KEY_VARIABLE, DataDirError
 from .vault import LOOPBACK, LocalVault, is_loopback
 
 EXIT_OK, EXIT_USAGE = 0, 2
@@ -39,7 +41,8 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
             "token endpoint, so the real azure-keyvault-keys SDK and DefaultAzureCredential work "
             "against it unchanged. Prints shell export lines; stop it with Ctrl-C or SIGTERM."
         ),
-        epilog="Exit codes: 0 after a clean shutdown, 2 for a usage error or a port that is in use.",
+        epilog="Exit codes: 0 after a clean shutdown, 2 for a usage error, a port that is in use or a "
+        "data directory that cannot be used.",
     )
     parser.add_argument(
         "--host",
@@ -70,6 +73,15 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
         action="store_true",
         help="behave as a Managed HSM (tokens for https://managedhsm.azure.net, oct-HSM keys, random "
         "bytes) instead of a Premium key vault",
+    )
+    parser.add_argument(
+        "--data",
+        metavar="DIR",
+        help="keep keys, deleted keys, rotation policies, the clock, the CA and the vault's secrets in DIR "
+        "across restarts, so the export lines, tokens and backups stay valid (with fixed --port and "
+        f"--identity-port, export once). Each write is on disk before it is answered. With {DATA_KEY_VARIABLE} "
+        "set when DIR is created, its secrets and key material are encrypted with a key derived from that "
+        "passphrase, which every later start then needs (default: keep nothing)",
     )
     parser.add_argument("--verbose", action="store_true", help="log every request on stderr")
     return parser
@@ -110,13 +122,22 @@ def main(argv: Optional[List[str]] = None, prog: Optional[str] = None) -> int:
             f"localvault: warning: serving on {args.host}, not loopback: other machines can reach this vault.",
             file=sys.stderr,
         )
-    vault = LocalVault(
-        host=args.host,
-        port=args.port,
-        identity_port=args.identity_port,
-        retention_days=args.retention_days,
-        managed_hsm=args.managed_hsm,
-    )
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            vault = LocalVault(
+                host=args.host,
+                port=args.port,
+                identity_port=args.identity_port,
+                retention_days=args.retention_days,
+                managed_hsm=args.managed_hsm,
+                data_dir=args.data,
+            )
+    except DataDirError as exc:
+        print(f"localvault: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    for warning in caught:
+        print(f"localvault: warning: {warning.message}", file=sys.stderr)
     try:
         vault.start()
     except OSError as exc:

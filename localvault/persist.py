@@ -117,10 +117,19 @@ class DataDir:
         return os.path.join(self.path, name)
 
     def _prepare_dir(self) -> None:
+        """Create DIR, or check that it is a data directory or empty, before changing anything in it;
+        then make it owner-only and lock it."""
         try:
-            os.makedirs(os.path.dirname(self.path), exist_ok=True)
             if not os.path.isdir(self.path):
+                if os.path.lexists(self.path):
+                    raise DataDirError(f"{self.path} is not a directory; choose a directory for --data.")
+                os.makedirs(os.path.dirname(self.path), exist_ok=True)
                 os.mkdir(self.path, 0o700)
+            if not os.path.exists(self._file(META)) and not self._interrupted_creation():
+                raise DataDirError(
+                    f"{self.path} is not empty and holds no localvault state ({META} is missing); "
+                    "choose a new or empty directory for --data."
+                )
             os.chmod(self.path, 0o700)
             self._lock_fd = os.open(self._file(LOCK), os.O_RDWR | os.O_CREAT, 0o600)
             os.fchmod(self._lock_fd, 0o600)
@@ -135,11 +144,6 @@ class DataDir:
                 ) from None
 
     def _create(self, passphrase: Optional[str], backup_secret: Optional[bytes]) -> None:
-        if not self._interrupted_creation():
-            raise DataDirError(
-                f"{self.path} is not empty and holds no localvault state ({META} is missing); "
-                "choose a new or empty directory for --data."
-            )
         meta: Dict[str, Any] = {"format": FORMAT, "encrypted": passphrase is not None}
         if passphrase is not None:
             salt = os.urandom(16)
@@ -151,7 +155,7 @@ class DataDir:
                 f"{self.path} is new and not encrypted: key material and secrets are kept in plain form. "
                 f"Set {DATA_KEY_VARIABLE} to a passphrase before creating it to encrypt them.",
                 UnencryptedDataWarning,
-                stacklevel=3,
+                stacklevel=4,  # the caller of LocalVault()
             )
         authority = tls.new_authority()
         self.identity_secret = secrets.token_urlsafe(24)
