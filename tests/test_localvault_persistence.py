@@ -204,6 +204,20 @@ def test_rotation_and_purge_made_by_the_clock_survive_a_restart(tmp_path):
         assert [k.name for k in client.list_deleted_keys()] == []
 
 
+def test_stop_releases_the_directory_and_start_reads_it_again(tmp_path):
+    data_dir = str(tmp_path / "vault")
+    vault = LocalVault(data_dir=data_dir, data_key=PASSPHRASE).start()
+    vault.key_client().create_ec_key("first")
+    vault.stop()
+    with LocalVault(data_dir=data_dir, data_key=PASSPHRASE) as other:  # the directory is free
+        other.key_client().create_ec_key("second")
+    vault.start()
+    try:
+        assert sorted(p.name for p in vault.key_client().list_properties_of_keys()) == ["first", "second"]
+    finally:
+        vault.stop()
+
+
 # -- SIGKILL during writes -------------------------------------------------------------------------
 
 ROUNDS = 12
