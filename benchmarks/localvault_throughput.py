@@ -1,8 +1,13 @@
 """How fast localvault answers the real SDK: get_key requests per second with p50/p99 latency, the
 latency of creating an RSA-2048 key, and remote cryptographic operations per second (RS256 sign with
-RSA-2048, ES256 sign with P-256, RSA-OAEP decrypt with RSA-2048). Prints figures; it asserts nothing.
+RSA-2048, ES256 sign with P-256, RSA-OAEP decrypt with RSA-2048), and writes per second (create_ec_key
+and update_key_properties). Prints figures; it asserts nothing.
 
-    python benchmarks/localvault_throughput.py [--clients 4] [--seconds 10] [--creates 20]
+    python benchmarks/localvault_throughput.py [--clients 4] [--seconds 10] [--creates 20] [--data]
+
+``--data`` runs the vault with ``--data`` in a new temporary directory, encrypted with a random
+LOCALVAULT_DATA_KEY, so that every write is on disk before it is answered; compare its write figures
+with a run without it to see what persistence costs.
 
 The vault runs standalone (``python -m localvault``) in its own process, and each client is a separate
 process with its own KeyClient (or CryptographyClient) and DefaultAzureCredential, so the figures are
@@ -18,12 +23,15 @@ import argparse
 import hashlib
 import multiprocessing
 import os
+import secrets
+import shutil
 import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -31,11 +39,13 @@ sys.path.insert(0, ROOT)
 from localvault.cli import read_exports  # noqa: E402
 
 
-def start_vault() -> Tuple[subprocess.Popen, Dict[str, str]]:
+def start_vault(data_dir: Optional[str] = None) -> Tuple[subprocess.Popen, Dict[str, str]]:
     env = dict(os.environ, PYTHONPATH=ROOT)
-    process = subprocess.Popen(
-        [sys.executable, "-m", "localvault", "--port", "0"], stdout=subprocess.PIPE, text=True, env=env
-    )
+    command = [sys.executable, "-m", "localvault", "--port", "0"]
+    if data_dir is not None:
+        command += ["--data", data_dir]
+        env["LOCALVAULT_DATA_KEY"] = secrets.token_urlsafe(16)
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env)
     assert process.stdout is not None
     exports = read_exports(process.stdout)
     return process, exports
@@ -61,6 +71,14 @@ def make_operation(
     if operation == "get_key":
         client = make_client(exports)
         return lambda: client.get_key(target)
+    if operation == "update_key_properties":
+        client = make_client(exports)
+        tags = iter(range(1 << 62))
+        return lambda: client.update_key_properties(target, tags={"n": str(next(tags))})
+    if operation == "create_ec_key":
+        client = make_client(exports)
+        names = iter(range(1 << 62))
+        return lambda: client.create_ec_key(f"{target}-{os.getpid()}-{next(names)}")
     from azure.identity import DefaultAzureCredential
     from azure.keyvault.keys.crypto import CryptographyClient
 
@@ -116,12 +134,15 @@ def run_phase(exports: Dict[str, str], operation: str, target: str, payload: byt
     latencies: List[float] = []
     for _ in workers:
         part, responses = queue.get(timeout=args.seconds + 120)
-        if operation != "get_key" and responses != len(part):
+        if operation not in (*WRITES, "get_key") and responses != len(part):
             raise SystemExit(f"{operation}: {len(part)} calls but {responses} vault responses; not remote")
         latencies.extend(part)
     for process in workers:
         process.join()
     return latencies
+
+
+WRITES = ("create_ec_key", "update_key_properties")
 
 
 def percentile(values: List[float], pct: float) -> float:
@@ -138,9 +159,15 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--creates", type=int, default=20, help="RSA-2048 keys to create, one at a time (default 20)"
     )
+    parser.add_argument(
+        "--data",
+        action="store_true",
+        help="run the vault with --data in a temporary directory (encrypted), as persistence costs",
+    )
     args = parser.parse_args(argv)
 
-    vault, exports = start_vault()
+    data_dir = tempfile.mkdtemp(prefix="localvault-bench-") if args.data else None
+    vault, exports = start_vault(None if data_dir is None else os.path.join(data_dir, "vault"))
     try:
         client = make_client(exports)
         name = f"bench-{os.getpid()}"
@@ -160,12 +187,18 @@ def main(argv=None) -> int:
             "ES256 sign (P-256)": run_phase(exports, "ES256", ec_key.id, digest, args),
             "RSA-OAEP decrypt (RSA-2048)": run_phase(exports, "RSA-OAEP", rsa_key.id, ciphertext, args),
         }
+        writes = {operation: run_phase(exports, operation, name, b"", args) for operation in WRITES}
         client.close()
     finally:
         vault.send_signal(signal.SIGTERM)
         vault.wait(timeout=60)
+        if data_dir is not None:
+            shutil.rmtree(data_dir, ignore_errors=True)
 
     print(f"machine: {os.cpu_count()} cores, Python {sys.version.split()[0]}")
+    print(
+        "vault: " + ("--data (encrypted), each write on disk before its answer" if args.data else "in memory")
+    )
     print(f"get_key: {args.clients} client processes for {args.seconds:.0f} s")
     print(f"  requests/s  {len(latencies) / args.seconds:8.1f}   (target >= 400)")
     print(f"  p50 ms      {statistics.median(latencies) * 1000:8.2f}")
@@ -177,6 +210,11 @@ def main(argv=None) -> int:
         target = "   (target >= 200)" if label.startswith("RS256") else ""
         print(f"{label}, remote: {args.clients} client processes for {args.seconds:.0f} s")
         print(f"  ops/s       {len(values) / args.seconds:8.1f}{target}")
+        print(f"  p50 ms      {statistics.median(values) * 1000:8.2f}")
+        print(f"  p99 ms      {percentile(values, 99) * 1000:8.2f}")
+    for operation, values in writes.items():
+        print(f"{operation}: {args.clients} client processes for {args.seconds:.0f} s")
+        print(f"  writes/s    {len(values) / args.seconds:8.1f}")
         print(f"  p50 ms      {statistics.median(values) * 1000:8.2f}")
         print(f"  p99 ms      {percentile(values, 99) * 1000:8.2f}")
     return 0

@@ -12,11 +12,13 @@ import signal
 import sys
 import tempfile
 import threading
+import warnings
 from typing import Any, Callable, Dict, Iterable, List, Optional
 
 from .control import parse_permissions
 from .faults import parse_operations, parse_rates
 from .models import SKUS, check_delay
+from .persist import DATA_KEY_VARIABLE, DataDirError
 from .vault import LOOPBACK, LocalVault, is_loopback
 
 EXIT_OK, EXIT_USAGE = 0, 2
@@ -64,8 +66,8 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
             "token endpoint, so the real azure-keyvault-keys SDK and DefaultAzureCredential work "
             "against it unchanged. Prints shell export lines; stop it with Ctrl-C or SIGTERM."
         ),
-        epilog="Exit codes: 0 after a clean shutdown, 2 for a usage error, a port that is in use or an "
-        "--env-file that cannot be written.",
+        epilog="Exit codes: 0 after a clean shutdown, 2 for a usage error, a port that is in use, an "
+        "--env-file that cannot be written or a data directory that cannot be used.",
     )
     parser.add_argument(
         "--host",
@@ -103,6 +105,15 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
         help="write the export lines to PATH, a file only you can read (mode 0600 from its creation), "
         "instead of printing them; load them with '. PATH'. They carry IDENTITY_HEADER, the secret that "
         "gets tokens for this vault, which a redirect such as '> PATH' leaves readable by every local user",
+    )
+    parser.add_argument(
+        "--data",
+        metavar="DIR",
+        help="keep keys, deleted keys, rotation policies, the clock, the CA and the vault's secrets in DIR "
+        "across restarts, so the export lines, tokens and backups stay valid (with fixed --port and "
+        f"--identity-port, export once). Each write is on disk before it is answered. With {DATA_KEY_VARIABLE} "
+        "set when DIR is created, its secrets and key material are encrypted with a key derived from that "
+        "passphrase, which every later start then needs (default: keep nothing)",
     )
     controls = parser.add_argument_group(
         "controls",
@@ -215,20 +226,29 @@ def main(argv: Optional[List[str]] = None, prog: Optional[str] = None) -> int:
             f"localvault: warning: serving on {args.host}, not loopback: other machines can reach this vault.",
             file=sys.stderr,
         )
-    vault = LocalVault(
-        host=args.host,
-        port=args.port,
-        identity_port=args.identity_port,
-        retention_days=args.retention_days,
-        managed_hsm=args.managed_hsm,
-        faults=args.faults,
-        fault_seed=args.fault_seed,
-        fault_operations=args.fault_operations,
-        key_permissions=args.key_permissions,
-        delete_delay=args.delete_delay,
-        purge_protection=args.purge_protection,
-        sku=args.sku,
-    )
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            vault = LocalVault(
+                host=args.host,
+                port=args.port,
+                identity_port=args.identity_port,
+                retention_days=args.retention_days,
+                managed_hsm=args.managed_hsm,
+                data_dir=args.data,
+                faults=args.faults,
+                fault_seed=args.fault_seed,
+                fault_operations=args.fault_operations,
+                key_permissions=args.key_permissions,
+                delete_delay=args.delete_delay,
+                purge_protection=args.purge_protection,
+                sku=args.sku,
+            )
+    except DataDirError as exc:
+        print(f"localvault: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    for warning in caught:
+        print(f"localvault: warning: {warning.message}", file=sys.stderr)
     try:
         vault.start()
     except OSError as exc:

@@ -10,7 +10,7 @@ import uuid
 from collections import deque
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
-from typing import Any, Deque, Dict, List, Optional, Tuple
+from typing import Any, Deque, Dict, Iterable, List, Optional, Protocol, Tuple
 
 import isodate
 from cryptography.exceptions import InvalidTag
@@ -143,6 +143,17 @@ def check_delay(seconds: float) -> float:
     if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 0 <= seconds <= 3600:
         raise ValueError("the delete delay must be a number of seconds between 0 and 3600")
     return float(seconds)
+
+
+class Journal(Protocol):
+    """Where a store records its changes (``localvault.persist``); called with the store's lock held,
+    before the change is acknowledged."""
+
+    def key_changed(self, lower: str, record: Optional[KeyRecord], deleted: Optional[DeletedKey]) -> None:
+        """The key named ``lower`` is now live as ``record``, deleted as ``deleted``, or gone (both None)."""
+
+    def reset(self) -> None:
+        """Every key is gone."""
 
 
 def validate_key_ops(key_ops: Optional[List[str]]) -> Optional[List[str]]:
@@ -327,6 +338,24 @@ class KeyStore:
         # Deletions and recoveries not complete yet: in neither collection until then.
         self._deleting: Dict[str, Pending] = {}
         self._recovering: Dict[str, Pending] = {}
+        self.journal: Optional[Journal] = None
+
+    def load(self, keys: Iterable[KeyRecord], deleted: Iterable[DeletedKey], journal: Journal) -> None:
+        """Replace every key with these, and record each change from now on in ``journal``."""
+        with self._lock:
+            self._keys = {record.name.lower(): record for record in keys}
+            self._deleted = {d.record.name.lower(): d for d in deleted}
+            self.journal = journal
+
+    def _changed(self, name: str) -> None:
+        """Tell the journal of the key's new state (lock held). A deletion or recovery still pending is
+        recorded as done: only its visibility waits, so after a restart it is complete."""
+        if self.journal is not None:
+            lower = name.lower()
+            deleting, recovering = self._deleting.get(lower), self._recovering.get(lower)
+            record = recovering.deleted.record if recovering else self._keys.get(lower)
+            deleted = deleting.deleted if deleting else self._deleted.get(lower)
+            self.journal.key_changed(lower, record, deleted)
 
     @property
     def recovery_level(self) -> str:
@@ -349,6 +378,8 @@ class KeyStore:
             self._deleted.clear()
             self._deleting.clear()
             self._recovering.clear()
+            if self.journal is not None:
+                self.journal.reset()
             self.clock.reset()
 
     # -- the clock ------------------------------------------------------------------------------
@@ -368,9 +399,13 @@ class KeyStore:
                     target[lower] = done
         for record in self._keys.values():
             if record.policy is not None and record.policy.rotate_action() is not None:
+                latest = record.latest
                 self._rotate_due(record, record.policy, now)
+                if record.latest != latest:
+                    self._changed(record.name)
         for lower in [n for n, d in self._deleted.items() if d.scheduled_purge_date <= now]:
             del self._deleted[lower]
+            self._changed(lower)
         return now
 
     @staticmethod
@@ -566,6 +601,7 @@ class KeyStore:
             self._keys[name.lower()] = record
             record.versions[version.version] = version
             record.latest = version.version
+            self._changed(name)
             return version
 
     def update(
@@ -590,6 +626,7 @@ class KeyStore:
                 changes["tags"] = tags
             updated = replace(current, **changes)
             self._keys[name.lower()].versions[current.version] = updated
+            self._changed(name)
             return updated
 
     def delete(self, name: str) -> DeletedKey:
@@ -602,6 +639,7 @@ class KeyStore:
                 self._deleting[name.lower()] = Pending(self.clock.now() + self.delete_delay, deleted)
             else:
                 self._deleted[name.lower()] = deleted
+            self._changed(name)
             return deleted
 
     def recover(self, name: str) -> KeyVersion:
@@ -614,6 +652,7 @@ class KeyStore:
                 self._recovering[name.lower()] = Pending(self.clock.now() + self.delete_delay, deleted)
             else:
                 self._keys[name.lower()] = deleted.record
+            self._changed(name)
             return deleted.record.current()
 
     def purge(self, name: str) -> None:
@@ -625,6 +664,7 @@ class KeyStore:
             if self.purge_protection:
                 raise Forbidden.purge_protected(VAULT_LOCATION)
             del self._deleted[name.lower()]
+            self._changed(name)
 
     # -- rotation -------------------------------------------------------------------------------
 
@@ -636,7 +676,9 @@ class KeyStore:
         private_key = regenerate_key(template)
         with self._lock:
             now = self._catch_up()
-            return self._add_rotated(self._record(name), template, private_key, now)
+            version = self._add_rotated(self._record(name), template, private_key, now)
+            self._changed(name)
+            return version
 
     def get_rotation_policy(self, name: str) -> Tuple[str, RotationPolicy]:
         """The key's name as stored, and its policy (the default until one is set)."""
@@ -656,6 +698,7 @@ class KeyStore:
             if record.policy is not None:
                 policy.created = record.policy.created
             record.policy = policy
+            self._changed(name)
             return record.name, policy
 
     # -- backup and restore ---------------------------------------------------------------------
@@ -664,26 +707,7 @@ class KeyStore:
         """All versions of a key and its rotation policy, sealed with this vault's secret (AES-256-GCM)."""
         with self._lock:
             self._catch_up()
-            record = self._record(name)
-            versions = [
-                {
-                    "version": v.version,
-                    "kty": v.kty,
-                    **_sealed_key_material(v.private_key),
-                    "key_ops": v.key_ops,
-                    "enabled": v.enabled,
-                    "created": v.created,
-                    "updated": v.updated,
-                    "nbf": v.nbf,
-                    "exp": v.exp,
-                    "tags": v.tags,
-                }
-                for v in record.versions.values()
-            ]
-            policy = None if record.policy is None else asdict(record.policy)
-            payload = json.dumps(
-                {"name": record.name, "latest": record.latest, "versions": versions, "policy": policy}
-            )
+            payload = json.dumps(record_to_dict(self._record(name)))
         nonce = os.urandom(12)
         return _BACKUP_MAGIC + nonce + self._aead.encrypt(nonce, payload.encode(), _BACKUP_MAGIC)
 
@@ -701,6 +725,7 @@ class KeyStore:
                     "delete and purge it before restoring a backup with the same name."
                 )
             self._keys[record.name.lower()] = record
+            self._changed(record.name)
             return record.current()
 
     def _open_backup(self, blob: bytes) -> KeyRecord:
@@ -712,14 +737,41 @@ class KeyStore:
             data = json.loads(self._aead.decrypt(nonce, sealed, _BACKUP_MAGIC))
         except InvalidTag:
             raise invalid from None
-        record = KeyRecord(name=data["name"], latest=data["latest"])
-        if data.get("policy") is not None:
-            actions = [LifetimeAction(**a) for a in data["policy"].pop("lifetime_actions")]
-            record.policy = RotationPolicy(actions, **data["policy"])
-        for v in data["versions"]:
-            key = _opened_key_material(v)
-            record.versions[v["version"]] = KeyVersion(name=record.name, private_key=key, **v)
-        return record
+        return record_from_dict(data)
+
+
+def record_to_dict(record: KeyRecord) -> Dict[str, Any]:
+    """A key with all its versions, private parts included, and its rotation policy, as JSON data;
+    for sealed backups and the data directory."""
+    versions = [
+        {
+            "version": v.version,
+            "kty": v.kty,
+            **_sealed_key_material(v.private_key),
+            "key_ops": v.key_ops,
+            "enabled": v.enabled,
+            "created": v.created,
+            "updated": v.updated,
+            "nbf": v.nbf,
+            "exp": v.exp,
+            "tags": v.tags,
+        }
+        for v in record.versions.values()
+    ]
+    policy = None if record.policy is None else asdict(record.policy)
+    return {"name": record.name, "latest": record.latest, "versions": versions, "policy": policy}
+
+
+def record_from_dict(data: Dict[str, Any]) -> KeyRecord:
+    """Inverse of record_to_dict; consumes ``data``."""
+    record = KeyRecord(name=data["name"], latest=data["latest"])
+    if data.get("policy") is not None:
+        actions = [LifetimeAction(**a) for a in data["policy"].pop("lifetime_actions")]
+        record.policy = RotationPolicy(actions, **data["policy"])
+    for v in data["versions"]:
+        key = _opened_key_material(v)
+        record.versions[v["version"]] = KeyVersion(name=record.name, private_key=key, **v)
+    return record
 
 
 def _sealed_key_material(key: PrivateKey) -> Dict[str, str]:

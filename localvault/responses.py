@@ -21,6 +21,8 @@ from .models import (
     RotationPolicy,
     generate_key,
     key_from_jwk,
+    validate_key_ops,
+    validate_tags,
 )
 
 NAME_PATTERN = re.compile(r"^[0-9a-zA-Z-]{1,127}$")
@@ -206,8 +208,13 @@ def create_key(req: Request, name: str) -> Response:
     body = req.json()
     _no_release_policy(body)
     kty = _field(body, "kty", str, required=True)
-    key_ops, tags, attributes = _key_ops(body), _tags(body), _attributes(body)
-    # Generating is slow, so it happens before the store is locked; the store re-checks name and type.
+    key_ops, tags, attributes = (
+        validate_key_ops(_key_ops(body)),
+        validate_tags(_tags(body)),
+        _attributes(body),
+    )
+    # Generating is slow, so it happens after every check and before the store is locked; the store
+    # re-checks name and type.
     req.store.check_name_free(name)
     req.store.check_key_type(kty)
     private_key = generate_key(

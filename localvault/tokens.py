@@ -20,10 +20,15 @@ _ALGORITHM = "HS256"
 class TokenIssuer:
     """Signs tokens with a per-vault secret (HMAC-SHA256) and verifies signature, audience and expiry."""
 
-    def __init__(self, secret: Optional[bytes] = None, lifetime: int = TOKEN_LIFETIME) -> None:
+    def __init__(
+        self,
+        secret: Optional[bytes] = None,
+        lifetime: int = TOKEN_LIFETIME,
+        principal_id: Optional[str] = None,
+    ) -> None:
         self._secret = secret or secrets.token_bytes(32)
         self.lifetime = lifetime
-        self.principal_id = str(uuid.uuid4())
+        self.principal_id = principal_id or str(uuid.uuid4())
 
     def issue(self, audience: str, now: Optional[float] = None, lifetime: Optional[int] = None) -> tuple:
         """A signed token and its expiry (Unix seconds)."""

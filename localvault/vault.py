@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import os
 import secrets
 import shutil
 import tempfile
@@ -16,6 +17,7 @@ from .clock import Clock
 from .control import KEY_PERMISSIONS, Controls
 from .faults import FaultPlan
 from .models import KeyStore
+from .persist import DATA_KEY_VARIABLE, DataDir, DataDirError, PersistedClock
 from .server import MAX_CONNECTIONS, IdentityServer, VaultServer
 from .tokens import MANAGED_HSM_RESOURCE, VAULT_RESOURCE, TokenIssuer
 
@@ -53,6 +55,13 @@ class LocalVault:
     ``key_permissions`` (access-policy key permissions; None: all), ``delete_delay`` (seconds a
     deletion or recovery takes on the vault's clock). Fixed for the vault's life: ``purge_protection``
     and ``sku`` (``"premium"`` or ``"standard"``, which refuses RSA-HSM and EC-HSM keys).
+
+    ``data_dir`` keeps everything in that directory across restarts (see ``localvault.persist``):
+    keys, the clock, the CA, the identity secret and the token-signing and backup-sealing keys.
+    Its secrets are encrypted with a key derived from ``data_key`` (by default the environment
+    variable LOCALVAULT_DATA_KEY) when the directory is created with one. A directory that cannot be
+    used raises ``DataDirError`` with the reason. ``stop()`` releases the directory; ``start()``
+    again reads it anew.
     """
 
     def __init__(
@@ -64,6 +73,8 @@ class LocalVault:
         backup_secret: Optional[bytes] = None,
         managed_hsm: bool = False,
         max_connections: int = MAX_CONNECTIONS,
+        data_dir: Optional[str] = None,
+        data_key: Optional[str] = None,
         *,
         faults: Optional[Dict[str, float]] = None,
         fault_seed: Optional[int] = None,
@@ -78,19 +89,27 @@ class LocalVault:
         self.host = host.strip("[]")
         self.max_connections = max_connections
         self._port, self._identity_port = port, identity_port
-        self.clock = Clock()
+        self.data_dir = None if data_dir is None else os.path.abspath(os.fspath(data_dir))
+        self._data_key = os.environ.get(DATA_KEY_VARIABLE) if data_key is None else data_key
+        self._data = None if self.data_dir is None else DataDir(self.data_dir, self._data_key, backup_secret)
+        self.clock = Clock() if self._data is None else self._data.clock()
         self.managed_hsm = managed_hsm
         self.store = KeyStore(
             retention_days=retention_days,
-            backup_secret=backup_secret,
+            backup_secret=backup_secret if self._data is None else self._data.backup_key,
             clock=self.clock,
             managed_hsm=managed_hsm,
             delete_delay=delete_delay,
             purge_protection=purge_protection,
             sku=sku,
         )
-        self.issuer = TokenIssuer()
-        self._identity_secret = secrets.token_urlsafe(24)
+        self.issuer = TokenIssuer() if self._data is None else self._data.token_issuer()
+        self._identity_secret = (
+            secrets.token_urlsafe(24) if self._data is None else self._data.identity_secret
+        )
+        if self._data is not None:
+            self._data_secrets = self._data.secrets()
+            self._data.attach(self.store)
         self.faults = FaultPlan(dict(faults or {}), fault_seed, fault_operations)  # type: ignore[arg-type]
         self.controls = Controls(
             self.store,
@@ -111,9 +130,15 @@ class LocalVault:
         """Generate certificates, bind both ports and start serving. Raises OSError if a port is taken."""
         if self._vault_server is not None:
             return self
+        if self.data_dir is not None and self._data is None:
+            self._reopen_data()
         self._dir = tempfile.mkdtemp(prefix="localvault-")
         try:
-            files = tls.generate(self._dir, extra_ips=_extra_ips(self.host))
+            if self._data is None:
+                files = tls.generate(self._dir, extra_ips=_extra_ips(self.host))
+            else:
+                authority, ca_file = self._data.authority, self._data.ca_file
+                files = tls.generate(self._dir, _extra_ips(self.host), authority, ca_file)
             self.ca_file = files.ca_file
             self._identity_server = IdentityServer(
                 (LOOPBACK, self._identity_port), self.issuer, self._identity_secret, self.max_connections
@@ -130,6 +155,7 @@ class LocalVault:
         except BaseException:
             self._close_servers()
             shutil.rmtree(self._dir, ignore_errors=True)
+            self._close_data()
             raise
         for server in (self._identity_server, self._vault_server):
             thread = threading.Thread(
@@ -157,6 +183,24 @@ class LocalVault:
         if self._dir:
             shutil.rmtree(self._dir, ignore_errors=True)
             self._dir = None
+        self._close_data()
+
+    def _close_data(self) -> None:
+        """Release the data directory (it keeps everything); start() opens it again."""
+        if self._data is not None:
+            self._data.close()
+            self._data = None
+
+    def _reopen_data(self) -> None:
+        assert self.data_dir is not None
+        data = DataDir(self.data_dir, self._data_key)
+        if data.secrets() != self._data_secrets:
+            data.close()
+            raise DataDirError(f"{self.data_dir} now holds another vault; make a new LocalVault for it.")
+        assert isinstance(self.clock, PersistedClock)
+        self.clock.bind(data)
+        data.attach(self.store)
+        self._data = data
 
     def _close_servers(self) -> None:
         for server in (self._vault_server, self._identity_server):

@@ -10,6 +10,7 @@ import uuid
 import pytest
 from azure.core.exceptions import HttpResponseError, ResourceExistsError, ResourceNotFoundError
 from azure.keyvault.keys import JsonWebKey, KeyCurveName, KeyType
+from conftest import error_of
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 
@@ -402,3 +403,20 @@ def test_rejected_create_leaves_nothing_behind(key_client, unique_key_name):
         key_client.get_key(unique_key_name)
     assert unique_key_name not in {p.name for p in key_client.list_properties_of_keys()}
     assert key_client.create_ec_key(unique_key_name).name == unique_key_name
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"kty": "RSA", "key_size": 4096, "key_ops": ["encrypt", "no-such-op"]},
+        {"kty": "RSA", "key_size": 4096, "tags": {f"t{i}": "v" for i in range(16)}},
+    ],
+)
+def test_create_checks_key_ops_and_tags_before_generating(raw, unique_key_name, monkeypatch, body):
+    def never(*args, **kwargs):
+        raise AssertionError("a key was generated for a request that was going to be refused")
+
+    monkeypatch.setattr("localvault.responses.generate_key", never)
+    response = raw.request("POST", f"/keys/{unique_key_name}/create", json=body)
+    assert response.status_code == 400
+    assert error_of(response)["code"] == "BadParameter"
