@@ -31,7 +31,6 @@ import random
 import secrets
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -46,7 +45,7 @@ sys.path.insert(1, os.path.dirname(os.path.abspath(__file__)))
 
 from localvault_throughput import percentile  # noqa: E402
 
-from localvault.cli import build_parser, read_exports  # noqa: E402
+from localvault.cli import read_exports  # noqa: E402
 from localvault.control import MAX_LOG  # noqa: E402
 
 NAMES_PER_CLIENT = 4
@@ -394,10 +393,6 @@ def filesystem(path: str) -> str:
     return kind
 
 
-def data_supported() -> bool:
-    return "--data" in build_parser().format_help()
-
-
 @dataclass
 class Run:
     label: str
@@ -417,6 +412,11 @@ class Run:
     @property
     def ops_per_second(self) -> float:
         return len(self.all_latencies) / self.seconds
+
+    @property
+    def cpu_per_operation(self) -> Optional[float]:
+        operations = len(self.all_latencies)
+        return None if self.server_cpu is None or not operations else self.server_cpu / operations
 
     @property
     def memory_growth(self) -> Optional[float]:
@@ -527,7 +527,7 @@ class Pool:
 
 
 def milliseconds(values: List[float], pct: float) -> str:
-    return f"{percentile(values, pct) * 1000:8.1f}" if values else f"{'-':>8}"
+    return f"{percentile(values, pct) * 1000:>8.1f}" if values else f"{'-':>8}"
 
 
 def report(runs: List[Run], args) -> bool:
@@ -536,30 +536,29 @@ def report(runs: List[Run], args) -> bool:
     print(
         f"\nper operation, {args.seconds:g} s measured after a warm-up of {args.warmup_requests} requests ({warmups}):"
     )
-    header = f"{'operation':<10}" + "".join(
-        f" | {run.label:<9} {'count':>6} {'ops/s':>7} {'p50 ms':>8} {'p99 ms':>8}" for run in runs
-    )
-    print(header)
+    print((f"{'':<10}" + "".join(f" | {run.label:<33}" for run in runs)).rstrip())
+    print(f"{'operation':<10}" + f" | {'count':>6} {'ops/s':>7} {'p50 ms':>8} {'p99 ms':>8}" * len(runs))
     for operation in (*OPERATIONS, "all"):
         row = f"{operation:<10}"
         for run in runs:
             values = run.all_latencies if operation == "all" else run.latencies.get(operation, [])
-            p50 = f"{statistics.median(values) * 1000:8.1f}" if values else f"{'-':>8}"
-            row += f" | {'':<9} {len(values):>6} {len(values) / run.seconds:>7.1f} {p50} {milliseconds(values, 99)}"
+            row += f" | {len(values):>6} {len(values) / run.seconds:>7.1f} "
+            row += f"{milliseconds(values, 50)} {milliseconds(values, 99)}"
         print(row)
 
-    print("\nserver CPU in the measured seconds (/proc/PID/stat; the clients share the same cores):")
+    print("\nthe vault's CPU in the measured seconds (/proc/PID/stat; the clients run on the same cores):")
     for run in runs:
-        if run.server_cpu is None:
-            print(f"  {run.label}: unavailable (no /proc/PID/stat on this system)")
+        if run.cpu_per_operation is None:
+            print(f"  {run.label}: unavailable (no /proc/PID/stat here, or no operations)")
         else:
-            operations = len(run.all_latencies)
-            per = (
-                f"{run.server_cpu / operations * 1000:.2f} ms per operation"
-                if operations
-                else "no operations"
+            print(
+                f"  {run.label}: {run.server_cpu / run.seconds * 100:.0f}% of one core, "
+                f"{run.cpu_per_operation * 1000:.2f} ms per operation"
             )
-            print(f"  {run.label}: {run.server_cpu / run.seconds * 100:.0f}% of one core, {per}")
+    if len(runs) == 2 and None not in (runs[0].cpu_per_operation, runs[1].cpu_per_operation):
+        print(
+            f"  --data costs the vault {runs[1].cpu_per_operation / runs[0].cpu_per_operation:.2f}x the CPU per operation"
+        )
 
     print("\nserver memory, VmRSS of the vault process from /proc/PID/status (MiB):")
     for run in runs:
@@ -652,8 +651,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.error(f"--clients must be 1 to 64, not {args.clients}")
     runs_wanted: List[Tuple[str, bool]] = [("in memory", False)]
     if not args.no_data:
-        if not data_supported():
-            parser.error("this localvault has no --data option; run with --no-data")
         runs_wanted.append(("--data", True))
 
     print(
