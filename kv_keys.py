@@ -216,18 +216,18 @@ def check_name_is_free(client: KeyClient, vault: Vault, name: str) -> None:
     raise soft_deleted_failure(vault, name, deleted.scheduled_purge_date)
 
 
-CREATE_RETRIES = 3  # the script's own tries after a create answered 429 or 503
+RETRIES = 5  # per request, for a vault that throttles (429) or is unavailable (5xx); see make_client
 
 
 def create_key(client: KeyClient, name: str, args: argparse.Namespace, run: Run) -> None:
     """Step 3. A create answered 429 or 503 was not carried out: the script tries again itself, after the
     vault's Retry-After, and says so (azure-core would retry in silence: retry_status=0 turns that off for
-    the create). A create whose answer was lost, or that failed otherwise, is never tried again."""
+    the create). A create whose answer was lost, or that failed otherwise, may have worked: never tried again."""
     create = client.create_ec_key if args.type == "ec" else client.create_rsa_key
     options: dict = {"curve": args.curve} if args.type == "ec" else {"size": args.size}
     if args.hsm:
         options["hardware_protected"] = True
-    for retry in range(1, CREATE_RETRIES + 2):
+    for retry in range(1, RETRIES + 2):
         try:
             with run.ctrl_c.finishing("create"):  # a first Ctrl-C lets the vault answer: the key is known
                 run.stage = Stage.CREATE
@@ -235,20 +235,18 @@ def create_key(client: KeyClient, name: str, args: argparse.Namespace, run: Run)
                 run.stage = Stage.CREATED
                 return
         except HttpResponseError as exc:
-            if exc.status_code not in BUSY_STATUSES or retry > CREATE_RETRIES:
+            if exc.status_code not in BUSY_STATUSES or retry > RETRIES:
                 raise
             run.stage = Stage.CHECK  # the vault created nothing
             if run.ctrl_c.count:
                 raise KeyboardInterrupt from None
             wait = retry_after(exc, retry)
-            print(
-                f"  {busy_reason(exc)}: trying the create again in {wait} s (retry {retry} of {CREATE_RETRIES})"
-            )
+            print(f"  {busy_reason(exc)}: trying the create again in {wait} s (retry {retry} of {RETRIES})")
             time.sleep(wait)
 
 
 def retry_after(exc: HttpResponseError, retry: int) -> int:
-    """The vault's Retry-After in seconds, at most 30; without one 1, 2, 4 s, as Microsoft advises."""
+    """The vault's Retry-After in seconds, at most 30; without one 1, 2, 4, 8, 16 s, as Microsoft advises."""
     value = str(getattr(exc.response, "headers", {}).get("Retry-After", "")).strip()
     return min(int(value), 30) if value.isdigit() else 2 ** (retry - 1)
 
@@ -333,7 +331,7 @@ def keep_key(vault: Vault, name: str) -> None:
 
 def not_owned_failure(vault: Vault, name: str, run: Run) -> Failure:
     hint = (
-        permission_hint(vault)
+        permission_hint(vault, "list")
         if run.doubt == CANNOT_LIST
         else f"look at the key ({az_command(vault, 'show', name)}) and delete it if it is yours alone: "
         f"{az_command(vault, 'delete', name)}"
@@ -661,10 +659,13 @@ def is_loopback_host(host: str) -> bool:
 
 
 def make_client(vault: Vault) -> KeyClient:
-    """Step 1: a KeyClient with the right credential and TLS trust for this vault."""
+    """Step 1: a KeyClient with the right credential and TLS trust for this vault.
+
+    azure-core retries a request answered 429 (after Retry-After), 500, 502, 503 or 504 (after 0, 1.6, 3.2 s ...);
+    RETRIES instead of its 3 follows Microsoft's advice for a throttled Key Vault (back off 1, 2, 4, 8, 16 s)."""
     if not vault.is_loopback:
         # Azure: the default trust store, and the SDK checks that the challenge names a Key Vault resource.
-        return KeyClient(vault.url, DefaultAzureCredential())
+        return KeyClient(vault.url, DefaultAzureCredential(), retry_status=RETRIES)
 
     def transport() -> RequestsTransport:
         # use_env_settings=False: no HTTP(S)_PROXY, so loopback traffic stays on this machine.
@@ -673,13 +674,17 @@ def make_client(vault: Vault) -> KeyClient:
             use_env_settings=False, **({"connection_verify": vault.ca_file} if vault.ca_file else {})
         )
 
-    # retry_connect=0: a refused loopback port, or an untrusted CA, stays so; failing at once beats 5 s of retries.
-    # Otherwise azure-core's retries stand: 3 per request, after Retry-After or 0, 1.6, 3.2 s.
+    # retry_connect=0: a refused loopback port, or an untrusted CA, stays so: failing at once beats 5 s of retries.
     credential = LocalTokenSource(ManagedIdentityCredential(transport=transport(), retry_connect=0))
     # No challenge check for a loopback URL only: localvault's challenge names https://vault.azure.net, which
     # does not match 127.0.0.1, so the SDK would refuse to send the token.
     return KeyClient(
-        vault.url, credential, verify_challenge_resource=False, transport=transport(), retry_connect=0
+        vault.url,
+        credential,
+        verify_challenge_resource=False,
+        transport=transport(),
+        retry_connect=0,
+        retry_status=RETRIES,
     )
 
 
@@ -953,10 +958,10 @@ def explain(exc: BaseException, vault: Optional[Vault], name: str = "") -> Failu
             if exc.status_code == 429
             else "the service has a passing problem: wait a minute and run again"
         )
-        local = " (this localvault answers so on purpose: it runs with --faults)" if vault.is_local else ""
+        local = " (this localvault injects these answers: see its --faults)" if vault.is_local else ""
         return Failure(
             ExitStatus.BUSY,
-            f"{busy_reason(exc, vault.label)}, retries included: {first_line(exc)}",
+            f"{busy_reason(exc, vault.label)}, still after {RETRIES} retries: {first_line(exc)}",
             hint + local,
         )
     if isinstance(exc, HttpResponseError) and exc.status_code == 403:
