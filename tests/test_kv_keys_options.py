@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import sys
+from pathlib import Path
 from typing import List
 from unittest import mock
 
@@ -185,10 +186,18 @@ def test_help_lists_options_and_exit_codes(
         "4    permission",
         "5    vault not found",
         "6    name conflict",
+        "7    the vault kept throttling",
         "130  interrupted",
     ):
         assert code_line in out
     client.factory.assert_not_called()
+
+
+def test_readme_lists_the_exit_codes_of_help() -> None:
+    readme = (Path(kv_keys.__file__).parent / "README.md").read_text(encoding="utf-8")
+    table = readme[readme.index("| exit | meaning |") :].split("\n\n")[0]
+    codes = [int(row.split("|")[1]) for row in table.splitlines()[2:]]
+    assert codes == [status.value for status in kv_keys.ExitStatus]
 
 
 @pytest.mark.parametrize(
