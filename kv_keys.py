@@ -77,9 +77,14 @@ class ExitStatus(enum.IntEnum):
         "usage or input: bad option, name or URL, end of input, no localvault, a remote IDENTITY_ENDPOINT",
     )
     AUTH = 3, "authentication failed: no token (try `az login`, or localvault's latest export lines)"
-    PERMISSION = 4, "permission denied (also: versions not listable, so not deleted), or purge protection"
+    PERMISSION = (
+        4,
+        "permission denied (also: versions not listable, so not deleted), purge protection, or --hsm on a "
+        "standard vault",
+    )
     UNREACHABLE = 5, "vault not found or unreachable (DNS, connection, TLS, a missing LOCALVAULT_CA_FILE)"
     CONFLICT = 6, "name conflict: a key or a deleted key has this name, or the key got another version"
+    BUSY = 7, "the vault kept throttling (429) or was unavailable (503), retries included: try again later"
     INTERRUPTED = 130, "interrupted (Ctrl-C): the key this run created is deleted, or the output names it"
     STDOUT_CLOSED = 141, "stdout closed early (e.g. `| head -1`): stopped quietly after the same cleanup"
 
@@ -116,14 +121,7 @@ def run_quickstart(
         check_name_is_free(client, vault, name)
 
         print(f"Creating a key in {vault.label} called '{name}' ...")
-        options: dict = {"hardware_protected": True} if args.hsm else {}
-        with ctrl_c.finishing("create"):  # a first Ctrl-C lets the vault answer, so that the key is known
-            run.stage = Stage.CREATE
-            if args.type == "ec":
-                run.key = client.create_ec_key(name, curve=args.curve, **options)
-            else:
-                run.key = client.create_rsa_key(name, size=args.size, **options)
-            run.stage = Stage.CREATED
+        create_key(client, name, args, run)
         print(" done.")
         describe_key(run.key)
         # Someone may have created the name since step 2: then this run added a version to their key, and
@@ -218,6 +216,41 @@ def check_name_is_free(client: KeyClient, vault: Vault, name: str) -> None:
     raise soft_deleted_failure(vault, name, deleted.scheduled_purge_date)
 
 
+RETRIES = 5  # per request, for a vault that throttles (429) or is unavailable (5xx); see make_client
+
+
+def create_key(client: KeyClient, name: str, args: argparse.Namespace, run: Run) -> None:
+    """Step 3. A create answered 429 or 503 was not carried out: the script tries again itself, after the
+    vault's Retry-After, and says so (azure-core would retry in silence: retry_status=0 turns that off for
+    the create). A create whose answer was lost, or that failed otherwise, may have worked: never tried again."""
+    create = client.create_ec_key if args.type == "ec" else client.create_rsa_key
+    options: dict = {"curve": args.curve} if args.type == "ec" else {"size": args.size}
+    if args.hsm:
+        options["hardware_protected"] = True
+    for retry in range(1, RETRIES + 2):
+        try:
+            with run.ctrl_c.finishing("create"):  # a first Ctrl-C lets the vault answer: the key is known
+                run.stage = Stage.CREATE
+                run.key = create(name, retry_status=0, **options)
+                run.stage = Stage.CREATED
+                return
+        except HttpResponseError as exc:
+            if exc.status_code not in BUSY_STATUSES or retry > RETRIES:
+                raise
+            run.stage = Stage.CHECK  # the vault created nothing
+            if run.ctrl_c.count:
+                raise KeyboardInterrupt from None
+            wait = retry_after(exc, retry)
+            print(f"  {busy_reason(exc)}: trying the create again in {wait} s (retry {retry} of {RETRIES})")
+            time.sleep(wait)
+
+
+def retry_after(exc: HttpResponseError, retry: int) -> int:
+    """The vault's Retry-After in seconds, at most 30; without one 1, 2, 4, 8, 16 s, as Microsoft advises."""
+    value = str(getattr(exc.response, "headers", {}).get("Retry-After", "")).strip()
+    return min(int(value), 30) if value.isdigit() else 2 ** (retry - 1)
+
+
 def describe_key(key: KeyVaultKey) -> None:
     """Print what the vault says about the key it created."""
     material = key.key
@@ -245,11 +278,12 @@ def check_ownership(client: KeyClient, vault: Vault, name: str, run: Run) -> Non
         versions = [v.version for v in client.list_properties_of_key_versions(name)]
     except ResourceNotFoundError:
         versions = []
-    except HttpResponseError as exc:
-        if exc.status_code != 403:
-            raise
-        run.doubt = CANNOT_LIST
-        return
+    except Exception as exc:  # the cleanup then asks no more: it names the key instead
+        if getattr(exc, "status_code", None) == 403:
+            run.doubt = CANNOT_LIST
+            return
+        run.doubt = f"the vault did not answer the version check ({first_line(exc)})"
+        raise
     if versions == [version]:
         run.stage = Stage.OWNED
     elif not versions:
@@ -297,7 +331,7 @@ def keep_key(vault: Vault, name: str) -> None:
 
 def not_owned_failure(vault: Vault, name: str, run: Run) -> Failure:
     hint = (
-        permission_hint(vault)
+        permission_hint(vault, "list")
         if run.doubt == CANNOT_LIST
         else f"look at the key ({az_command(vault, 'show', name)}) and delete it if it is yours alone: "
         f"{az_command(vault, 'delete', name)}"
@@ -625,10 +659,13 @@ def is_loopback_host(host: str) -> bool:
 
 
 def make_client(vault: Vault) -> KeyClient:
-    """Step 1: a KeyClient with the right credential and TLS trust for this vault."""
+    """Step 1: a KeyClient with the right credential and TLS trust for this vault.
+
+    azure-core retries a request answered 429 (after Retry-After), 500, 502, 503 or 504 (after 0, 1.6, 3.2 s ...);
+    RETRIES instead of its 3 follows Microsoft's advice for a throttled Key Vault (back off 1, 2, 4, 8, 16 s)."""
     if not vault.is_loopback:
         # Azure: the default trust store, and the SDK checks that the challenge names a Key Vault resource.
-        return KeyClient(vault.url, DefaultAzureCredential())
+        return KeyClient(vault.url, DefaultAzureCredential(), retry_status=RETRIES)
 
     def transport() -> RequestsTransport:
         # use_env_settings=False: no HTTP(S)_PROXY, so loopback traffic stays on this machine.
@@ -637,11 +674,18 @@ def make_client(vault: Vault) -> KeyClient:
             use_env_settings=False, **({"connection_verify": vault.ca_file} if vault.ca_file else {})
         )
 
-    # retry_connect=0: a refused loopback port stays refused; failing at once beats 5 s of retries.
+    # retry_connect=0: a refused loopback port, or an untrusted CA, stays so: failing at once beats 5 s of retries.
     credential = LocalTokenSource(ManagedIdentityCredential(transport=transport(), retry_connect=0))
     # No challenge check for a loopback URL only: localvault's challenge names https://vault.azure.net, which
     # does not match 127.0.0.1, so the SDK would refuse to send the token.
-    return KeyClient(vault.url, credential, verify_challenge_resource=False, transport=transport())
+    return KeyClient(
+        vault.url,
+        credential,
+        verify_challenge_resource=False,
+        transport=transport(),
+        retry_connect=0,
+        retry_status=RETRIES,
+    )
 
 
 class LocalTokenSource:
@@ -705,13 +749,17 @@ def _cleanup(client: KeyClient, vault: Vault, name: str, run: Run, exc: BaseExce
         return Outcome("nothing was created", clean=True)
     if stage is Stage.CREATE:
         status = getattr(exc, "status_code", None) or 0
-        refused = status >= 400 or isinstance(
-            exc, (ServiceRequestError, Failure)
-        )  # never reached, or refused
+        # refused (4xx), not carried out (503), or never sent; a 500, 502 or 504 may come after the work is done
+        refused = 400 <= status < 500 or status == 503 or isinstance(exc, (ServiceRequestError, Failure))
         if refused and not stop:
             return Outcome("nothing was created", clean=True)
         # The request may still be running in the vault: a lookup that finds nothing would prove nothing.
-        return may_exist(vault, name, "the create request was cut off before its answer came")
+        cut_off = "the create request was cut off before its answer came"
+        return may_exist(
+            vault,
+            name,
+            f"the vault answered the create with HTTP {status}" if status >= 500 and not stop else cut_off,
+        )
     if stage is Stage.DELETING:
         return Outcome(
             "the key that this run created is deleted; the vault finishes the deletion by itself",
@@ -720,16 +768,25 @@ def _cleanup(client: KeyClient, vault: Vault, name: str, run: Run, exc: BaseExce
         )
     if stage is Stage.DELETED:
         return Outcome("the key that this run created is deleted", clean=True)
-    if stage in (Stage.PURGE, Stage.PURGED):
-        purged = (
-            "and purged"
-            if stage is Stage.PURGED
-            else f"but perhaps not purged; to purge it: {az_command(vault, 'purge', name)}"
+    if stage is Stage.PURGED:
+        return Outcome("the key that this run created is deleted, and purged", clean=True)
+    if stage is Stage.PURGE:
+        purge = f"to purge it: {az_command(vault, 'purge', name)}"
+        refused = [
+            f"cleanup: the key '{name}' that this run created is deleted, not purged; {purge}{needs(vault, 'purge')}"
+        ]
+        return Outcome(
+            f"the key that this run created is deleted, but perhaps not purged; {purge}",
+            refused if isinstance(exc, HttpResponseError) else [],
+            clean=True,
         )
-        return Outcome(f"the key that this run created is deleted, {purged}", clean=True)
     if stage is Stage.DELETE and stop:
         return may_exist(vault, name, "the delete request was cut off before its answer came")
     assert run.key is not None
+    if (
+        stage is Stage.DELETE and getattr(exc, "status_code", None) == 403
+    ):  # asking again would change nothing
+        return still_there(vault, name, run, "the vault refused the deletion")
     if keep:
         return Outcome(
             f"nothing was deleted (--keep): this run left {run.key.id} in {vault.label}",
@@ -740,7 +797,7 @@ def _cleanup(client: KeyClient, vault: Vault, name: str, run: Run, exc: BaseExce
     if stop:
         return still_there(vault, name, run, "stopped (Ctrl-C twice)")
     if stage is Stage.CREATED and not run.doubt:  # the failure came before the version check
-        with contextlib.suppress(Failure):
+        with contextlib.suppress(Exception):  # a failed check leaves a doubt, or Stage.FOREIGN
             check_ownership(client, vault, name, run)
     if run.stage is Stage.FOREIGN:
         return Outcome(
@@ -882,23 +939,58 @@ def explain(exc: BaseException, vault: Optional[Vault], name: str = "") -> Failu
     if isinstance(exc, ResourceExistsError):  # 409 from create: the name belongs to a soft-deleted key
         if name and "deleted but recoverable" in str(exc):
             return soft_deleted_failure(vault, name, None)
+        if name and "being deleted" in str(exc):  # ObjectIsBeingDeleted: a deletion or purge still running
+            return Failure(
+                ExitStatus.CONFLICT,
+                f"the name '{name}' is not free yet: {vault.label} is still deleting a key of that name "
+                f"({first_line(exc)})",
+                "run again in a few seconds, once the vault has finished; if that key was deleted but not "
+                f"purged, its name then stays with the deleted key until it is purged: {az_command(vault, 'purge', name)}",
+            )
         return Failure(
             ExitStatus.CONFLICT, f"name conflict in {vault.label}: {first_line(exc)}", "choose another name"
         )
+    if isinstance(exc, HttpResponseError) and exc.status_code in BUSY_STATUSES:
+        hint = (
+            "Key Vault allows, per vault and region, every 10 seconds 20 creates of RSA-2048 or EC keys (10 of "
+            "HSM keys) and 4,000 other operations (fewer on RSA 3072 and 4096 keys): wait a few seconds and run "
+            "again, and check what else uses this vault"
+            if exc.status_code == 429
+            else "the service has a passing problem: wait a minute and run again"
+        )
+        local = " (this localvault injects these answers: see its --faults)" if vault.is_local else ""
+        return Failure(
+            ExitStatus.BUSY,
+            f"{busy_reason(exc, vault.label)}, still after {RETRIES} retries: {first_line(exc)}",
+            hint + local,
+        )
     if isinstance(exc, HttpResponseError) and exc.status_code == 403:
-        if "ForbiddenByFirewall" in str(exc) or "Client address is not authorized" in str(exc):
+        text = str(exc)
+        if "ForbiddenByFirewall" in text or "Client address is not authorized" in text:
             return Failure(
                 ExitStatus.PERMISSION,
                 f"{vault.label} refused this machine's network address (vault firewall): {first_line(exc)}",
                 f"allow your public address: az keyvault network-rule add --name {az_vault_name(vault)} "
                 "--ip-address YOUR_PUBLIC_IP",
             )
+        if "Hardware key operation not allowed" in text:  # --hsm on a standard vault
+            premium = (
+                "start localvault with --sku premium (its default)"
+                if vault.is_local
+                else ("use a Premium vault (az keyvault create ... --sku premium) or a Managed HSM")
+            )
+            return Failure(
+                ExitStatus.PERMISSION,
+                f"{vault.label} is a standard vault, which holds no HSM-protected keys (--hsm): {first_line(exc)}",
+                f"drop --hsm, or {premium}",
+            )
+        missing = re.search(r"does not have keys (\w+) permission", text)
         return Failure(
             ExitStatus.PERMISSION,
             f"permission denied by {vault.label}: {first_line(exc)}",
-            permission_hint(vault),
+            permission_hint(vault, missing.group(1) if missing else ""),
         )
-    if isinstance(exc, (ServiceRequestError, ServiceResponseError)):
+    if isinstance(exc, (ServiceRequestError, ServiceResponseError, IncompleteReadError)):
         return connection_failure(exc, vault)
     if isinstance(exc, HttpResponseError):
         return Failure(
@@ -988,6 +1080,14 @@ def connection_failure(exc: BaseException, vault: Vault) -> Failure:
             else "check the vault URL and your network"
         )
         return Failure(ExitStatus.UNREACHABLE, f"cannot connect to {vault.url}: connection refused", hint)
+    if isinstance(
+        exc, (ServiceResponseError, IncompleteReadError)
+    ):  # the request went out; the answer did not come
+        return Failure(
+            ExitStatus.UNREACHABLE,
+            f"no answer from {vault.url}: the connection was lost after the request was sent ({first_line(exc)})",
+            "run again; if it keeps happening, check your network and any proxy (HTTPS_PROXY)",
+        )
     return Failure(
         ExitStatus.UNREACHABLE,
         f"cannot reach {vault.url}: {first_line(exc)}",
@@ -1029,8 +1129,24 @@ def needs(vault: Vault, operation: str) -> str:
     return f' (needs the key permission {operation}, or the role "Key Vault Crypto Officer")'
 
 
-def permission_hint(vault: Vault) -> str:
+BUSY_STATUSES = (429, 503)
+
+
+def busy_reason(exc: HttpResponseError, who: str = "the vault") -> str:
+    what = "is throttling requests" if exc.status_code == 429 else "is unavailable"
+    return f"{who} {what} (HTTP {exc.status_code})"
+
+
+def permission_hint(vault: Vault, missing: str = "") -> str:
+    """How to grant the key permissions this script uses; missing: the one the vault named."""
+    if vault.is_local:
+        without = f" without the key permission {missing}" if missing else ""
+        return (
+            f"this localvault runs{without} (--key-permissions, or its control API): allow get, list, create, "
+            "delete and purge, or restart it without --key-permissions"
+        )
     name, me = az_vault_name(vault), '"$(az ad signed-in-user show --query id --output tsv)"'
+    grant = f"the key permission {missing}" if missing else "key permissions"
     if vault.is_hsm:
         return (
             f'grant the role "Managed HSM Crypto User" (create, get, list, delete) and, for --purge, "Managed HSM '
@@ -1038,7 +1154,7 @@ def permission_hint(vault: Vault) -> str:
             f"--assignee {me} --scope /keys"
         )
     return (
-        f"grant key permissions, either with an access policy: az keyvault set-policy --name {name} "
+        f"grant {grant}, either with an access policy: az keyvault set-policy --name {name} "
         f"--object-id {me} --key-permissions get list create delete purge   or, on a vault that uses Azure RBAC, "
         f'the role "Key Vault Crypto Officer": az role assignment create --role "Key Vault Crypto Officer" '
         f'--assignee {me} --scope "$(az keyvault show --name {name} --query id --output tsv)"'
@@ -1132,12 +1248,13 @@ def say_now(text: str) -> None:
 
 def import_azure_sdk() -> None:
     """Import the Azure SDK, once every input has been checked: --help and input errors need none of it."""
-    global ClientAuthenticationError, HttpResponseError, ResourceExistsError, ResourceNotFoundError
-    global ServiceRequestError, ServiceResponseError, RequestsTransport
+    global ClientAuthenticationError, HttpResponseError, IncompleteReadError, ResourceExistsError
+    global ResourceNotFoundError, ServiceRequestError, ServiceResponseError, RequestsTransport
     global DefaultAzureCredential, ManagedIdentityCredential, KeyClient
     from azure.core.exceptions import (
         ClientAuthenticationError,
         HttpResponseError,
+        IncompleteReadError,
         ResourceExistsError,
         ResourceNotFoundError,
         ServiceRequestError,

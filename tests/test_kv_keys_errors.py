@@ -26,6 +26,7 @@ from conftest import (
     RECOVERABLE,
     VAULT,
     assert_one_error,
+    error_lines,
     fake_deleted,
     fake_key,
     forbidden,
@@ -350,3 +351,82 @@ def test_localvault_recovery_hints_name_the_sdk_call_only() -> None:
         in failure.hint
     )
     assert "needs" not in failure.hint
+
+
+# --------------------------------------------------------------------------------------------------------
+# A throttled or unavailable Azure vault: the script's own retries of the create
+# --------------------------------------------------------------------------------------------------------
+
+
+def busy(status: int, retry_after: str = "") -> HttpResponseError:
+    code = {429: "Throttled", 503: "ServiceUnavailable"}[status]
+    error = http_error(HttpResponseError, status, code, "Request was not processed.")
+    if retry_after:
+        error.response.headers["Retry-After"] = retry_after
+    return error
+
+
+def test_create_retries_follow_retry_after_capped_else_back_off(
+    client: mock.MagicMock, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    waits: list = []
+    monkeypatch.setattr(kv_keys.time, "sleep", waits.append)
+    client.create_rsa_key.side_effect = [busy(429, "7"), busy(429, "120"), busy(503), busy(503), fake_key()]
+    code, out, err = run(capsys, "--name", NAME)
+    assert (code, err) == (0, "")
+    assert waits == [
+        7,
+        30,
+        4,
+        8,
+    ]  # Retry-After, at most 30 s; without it 1, 2, 4, 8, 16 s by the retry's rank
+    assert (
+        "  the vault is throttling requests (HTTP 429): trying the create again in 7 s (retry 1 of 5)" in out
+    )
+    assert "  the vault is unavailable (HTTP 503): trying the create again in 8 s (retry 4 of 5)" in out
+    assert client.create_rsa_key.call_count == 5
+
+
+def test_persistent_throttling_on_azure_names_the_limits(
+    client: mock.MagicMock, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(kv_keys.time, "sleep", lambda seconds: None)
+    client.create_rsa_key.side_effect = busy(429, "1")
+    code, _, err = run(capsys, "--name", NAME)
+    assert code == kv_keys.ExitStatus.BUSY
+    lines = assert_one_error(err)
+    assert lines[0].startswith(f"error: {VAULT} is throttling requests (HTTP 429), still after 5 retries: ")
+    assert "20 creates" in lines[1] and "localvault" not in lines[1]
+    assert len(lines) == 2  # nothing was created: no cleanup
+    assert client.create_rsa_key.call_count == 6
+
+
+def test_ctrl_c_while_waiting_to_retry_the_create_created_nothing(
+    client: mock.MagicMock, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def ctrl_c(seconds: float) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(kv_keys.time, "sleep", ctrl_c)
+    client.create_rsa_key.side_effect = busy(503)
+    code, _, err = run(capsys, "--name", NAME)
+    assert code == kv_keys.ExitStatus.INTERRUPTED
+    assert assert_one_error(err) == ["error: interrupted (Ctrl-C)", "hint: nothing was created"]
+    assert client.create_rsa_key.call_count == 1
+
+
+def test_ctrl_c_during_a_create_answered_503_stops_without_retrying(
+    client: mock.MagicMock, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(kv_keys.time, "sleep", mock.Mock(side_effect=AssertionError("no retry after Ctrl-C")))
+
+    def create(name: str, **kwargs: Any) -> Any:
+        kv_keys.signal.getsignal(kv_keys.signal.SIGINT)(
+            kv_keys.signal.SIGINT, None
+        )  # lets the request finish
+        raise busy(503)
+
+    client.create_rsa_key.side_effect = create
+    code, _, err = run(capsys, "--name", NAME)
+    assert code == kv_keys.ExitStatus.INTERRUPTED
+    assert error_lines(err) == ["error: interrupted (Ctrl-C)", "hint: nothing was created"]

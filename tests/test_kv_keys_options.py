@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import sys
+from pathlib import Path
 from typing import List
 from unittest import mock
 
@@ -41,7 +42,7 @@ def test_default_run_reproduces_the_original_flow(
 ) -> None:
     code, out, err = run(capsys, "--name", NAME)
     assert (code, err) == (0, "")
-    client.create_rsa_key.assert_called_once_with(NAME, size=2048)
+    client.create_rsa_key.assert_called_once_with(NAME, size=2048, retry_status=0)
     client.list_properties_of_key_versions.assert_called_once_with(NAME)  # no other version: ours to delete
     assert client.get_key.call_args_list == [mock.call(NAME), mock.call(NAME)]
     client.begin_delete_key.assert_called_once_with(NAME)
@@ -75,7 +76,7 @@ def test_default_run_reproduces_the_original_flow(
 def test_ec_key_with_curve(client: mock.MagicMock, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run(capsys, "--name", NAME, "--type", "ec", "--curve", "P-384")
     assert code == 0
-    client.create_ec_key.assert_called_once_with(NAME, curve="P-384")
+    client.create_ec_key.assert_called_once_with(NAME, curve="P-384", retry_status=0)
     client.create_rsa_key.assert_not_called()
     assert "EC, curve P-384" in out
 
@@ -84,10 +85,10 @@ def test_ec_default_curve_and_hsm_and_size(
     client: mock.MagicMock, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert run(capsys, "--name", NAME, "--type", "ec", "--hsm")[0] == 0
-    client.create_ec_key.assert_called_once_with(NAME, curve="P-256", hardware_protected=True)
+    client.create_ec_key.assert_called_once_with(NAME, curve="P-256", hardware_protected=True, retry_status=0)
     client.get_key.side_effect = [not_found(), fake_key()]
     assert run(capsys, "--name", NAME, "--size", "4096", "--hsm")[0] == 0
-    client.create_rsa_key.assert_called_once_with(NAME, size=4096, hardware_protected=True)
+    client.create_rsa_key.assert_called_once_with(NAME, size=4096, hardware_protected=True, retry_status=0)
 
 
 def test_keep_skips_deletion(client: mock.MagicMock, capsys: pytest.CaptureFixture[str]) -> None:
@@ -185,10 +186,18 @@ def test_help_lists_options_and_exit_codes(
         "4    permission",
         "5    vault not found",
         "6    name conflict",
+        "7    the vault kept throttling",
         "130  interrupted",
     ):
         assert code_line in out
     client.factory.assert_not_called()
+
+
+def test_readme_lists_the_exit_codes_of_help() -> None:
+    readme = (Path(kv_keys.__file__).parent / "README.md").read_text(encoding="utf-8")
+    table = readme[readme.index("| exit | meaning |") :].split("\n\n")[0]
+    codes = [int(row.split("|")[1]) for row in table.splitlines()[2:]]
+    assert codes == [status.value for status in kv_keys.ExitStatus]
 
 
 @pytest.mark.parametrize(
@@ -296,7 +305,7 @@ def test_name_from_piped_stdin(
     code, out, _ = run(capsys)
     assert code == 0
     assert out.startswith("Input a name for your key [quickstart-")
-    client.create_rsa_key.assert_called_once_with("piped-name", size=2048)
+    client.create_rsa_key.assert_called_once_with("piped-name", size=2048, retry_status=0)
 
 
 def test_empty_answer_takes_the_suggested_unique_name(
