@@ -708,22 +708,15 @@ def cleanup(client: KeyClient, vault: Vault, name: str, run: Run, exc: BaseExcep
 
 def _cleanup(client: KeyClient, vault: Vault, name: str, run: Run, exc: BaseException, keep: bool) -> Outcome:
     stop = run.ctrl_c.count >= 2  # Ctrl-C twice: no more requests
-    stage = run.stage
+    stage, status = run.stage, getattr(exc, "status_code", None) or 0
     if stage is Stage.CHECK:
         return Outcome("nothing was created", clean=True)
     if stage is Stage.CREATE:
-        status = getattr(exc, "status_code", None) or 0
         # refused (4xx), not carried out (503), or never sent; a 500, 502 or 504 may come after the work is done
         refused = 400 <= status < 500 or status == 503 or isinstance(exc, (ServiceRequestError, Failure))
         if refused and not stop:
             return Outcome("nothing was created", clean=True)
-        # The request may still be running in the vault: a lookup that finds nothing would prove nothing.
-        cut_off = "the create request was cut off before its answer came"
-        return may_exist(
-            vault,
-            name,
-            f"the vault answered the create with HTTP {status}" if status >= 500 and not stop else cut_off,
-        )
+        return may_exist(vault, name, "create", 0 if stop else status)
     if stage is Stage.DELETING:
         return Outcome(
             "the key that this run created is deleted; the vault finishes the deletion by itself",
@@ -745,11 +738,9 @@ def _cleanup(client: KeyClient, vault: Vault, name: str, run: Run, exc: BaseExce
             clean=True,
         )
     if stage is Stage.DELETE and stop:
-        return may_exist(vault, name, "the delete request was cut off before its answer came")
+        return may_exist(vault, name, "delete")
     assert run.key is not None
-    if (
-        stage is Stage.DELETE and getattr(exc, "status_code", None) == 403
-    ):  # asking again would change nothing
+    if stage is Stage.DELETE and status == 403:  # asking again would change nothing
         return still_there(vault, name, run, "the vault refused the deletion")
     if keep:
         return Outcome(
@@ -831,8 +822,14 @@ def still_there(
     )
 
 
-def may_exist(vault: Vault, name: str, why: str) -> Outcome:
-    """This run cannot know whether its key exists: never say that nothing was created."""
+def may_exist(vault: Vault, name: str, request: str, status: int = 0) -> Outcome:
+    """This run cannot know whether its key exists: never say that nothing was created. The request may still
+    be running in the vault (cut off), or have done its work before failing (HTTP 5xx): a lookup proves nothing."""
+    why = (
+        f"the vault answered the {request} with HTTP {status}"
+        if status >= 500
+        else f"the {request} request was cut off before its answer came"
+    )
     return Outcome(
         f"the key '{name}' may exist in {vault.label}, or may still appear: {why} (see below)",
         [
@@ -1022,49 +1019,45 @@ def connection_failure(exc: BaseException, vault: Vault) -> Failure:
     """The cause by type (gaierror, SSLError, ConnectionRefusedError); the error text only as a fallback."""
     causes = list(exception_chain(exc))
     text = " ".join(str(e) for e in causes)
+
+    def caused_by(kind: type, pattern: str) -> bool:
+        return any(isinstance(e, kind) for e in causes) or re.search(pattern, text) is not None
+
     where = vault.host or vault.url
-    if any(isinstance(e, socket.gaierror) for e in causes) or re.search(
-        r"NameResolution|Name or service not known|nodename nor servname|getaddrinfo failed|"
-        r"Temporary failure in name resolution|No address associated",
-        text,
-    ):
+    if caused_by(socket.gaierror, DNS_ERROR_TEXT):
+        problem = f"cannot find the vault: the name {where} does not resolve"
         hint = (
             f"check the vault name: is '{vault.label}' listed by `az keyvault list --output table`?"
             if vault.kind == "azure"
             else "check the host name in the vault URL, and your DNS or network"
         )
-        return Failure(
-            ExitStatus.UNREACHABLE, f"cannot find the vault: the name {where} does not resolve", hint
-        )
-    if any(isinstance(e, ssl.SSLError) for e in causes) or re.search(
-        r"CERTIFICATE_VERIFY_FAILED|SSLError", text
-    ):
+    elif caused_by(ssl.SSLError, r"CERTIFICATE_VERIFY_FAILED|SSLError"):
+        problem = f"TLS failed with {where}: {first_line(exc)}"
         hint = (
             "trust the localvault that serves this URL: set LOCALVAULT_CA_FILE from its `python -m localvault` output"
             if vault.is_loopback
             else "a proxy or antivirus may be intercepting TLS; this script never turns verification off"
         )
-        return Failure(ExitStatus.UNREACHABLE, f"TLS failed with {where}: {first_line(exc)}", hint)
-    if any(isinstance(e, ConnectionRefusedError) for e in causes) or "refused" in text.lower():
+    elif caused_by(ConnectionRefusedError, r"(?i)refused"):
+        problem = f"cannot connect to {vault.url}: connection refused"
         hint = (
             "is localvault still running there? Each start gets a new port: use its latest export lines"
             if vault.is_loopback
             else "check the vault URL and your network"
         )
-        return Failure(ExitStatus.UNREACHABLE, f"cannot connect to {vault.url}: connection refused", hint)
-    if isinstance(
-        exc, (ServiceResponseError, IncompleteReadError)
-    ):  # the request went out; the answer did not come
-        return Failure(
-            ExitStatus.UNREACHABLE,
-            f"no answer from {vault.url}: the connection was lost after the request was sent ({first_line(exc)})",
-            "run again; if it keeps happening, check your network and any proxy (HTTPS_PROXY)",
-        )
-    return Failure(
-        ExitStatus.UNREACHABLE,
-        f"cannot reach {vault.url}: {first_line(exc)}",
-        "check the vault URL, your network and any proxy (HTTPS_PROXY)",
-    )
+    elif isinstance(exc, (ServiceResponseError, IncompleteReadError)):  # the request went out, no answer came
+        problem = f"no answer from {vault.url}: the connection was lost after the request was sent ({first_line(exc)})"
+        hint = "run again; if it keeps happening, check your network and any proxy (HTTPS_PROXY)"
+    else:
+        problem = f"cannot reach {vault.url}: {first_line(exc)}"
+        hint = "check the vault URL, your network and any proxy (HTTPS_PROXY)"
+    return Failure(ExitStatus.UNREACHABLE, problem, hint)
+
+
+DNS_ERROR_TEXT = (
+    r"NameResolution|Name or service not known|nodename nor servname|getaddrinfo failed|"
+    r"Temporary failure in name resolution|No address associated"
+)
 
 
 def exception_chain(exc: BaseException) -> Iterator[BaseException]:
