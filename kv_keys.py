@@ -668,20 +668,18 @@ class LocalTokenSource:
         self.credential = credential
 
     def get_token(self, *scopes: str, **kwargs: Any) -> Any:
-        with self._explained():
-            return self.credential.get_token(*scopes, **kwargs)
+        return self._explained(self.credential.get_token, *scopes, **kwargs)
 
     def get_token_info(self, *scopes: str, **kwargs: Any) -> Any:
-        with self._explained():
-            return self.credential.get_token_info(*scopes, **kwargs)
+        return self._explained(self.credential.get_token_info, *scopes, **kwargs)
 
     def close(self) -> None:
         self.credential.close()
 
-    @contextlib.contextmanager
-    def _explained(self) -> Iterator[None]:
+    @staticmethod
+    def _explained(get: Callable[..., Any], *scopes: str, **kwargs: Any) -> Any:
         try:
-            yield
+            return get(*scopes, **kwargs)
         except Exception as exc:
             raise no_local_token(exc) from exc
 
@@ -877,9 +875,9 @@ def report_error(
     if not closed:
         print(f"error: {failure.message}", file=sys.stderr, flush=True)
     outcome = after() if after is not None else Outcome("nothing was created", clean=True)
-    if closed and outcome.clean:
-        return failure.code
     if closed:
+        if outcome.clean:
+            return failure.code
         print(f"error: {failure.message}", file=sys.stderr)
     print(f"hint: {failure.hint or outcome.hint}", file=sys.stderr)
     for line in outcome.lines:
@@ -889,12 +887,13 @@ def report_error(
 
 def explain(exc: BaseException, vault: Optional[Vault], name: str = "") -> Failure:
     """Turn an exception from the SDK into a Failure with a message, a hint and an exit code."""
+    unexpected = Failure(
+        ExitStatus.SERVICE,
+        f"unexpected {type(exc).__name__}: {first_line(exc)}",
+        "run again with --verbose for details",
+    )
     if vault is None or not type(exc).__module__.startswith("azure"):
-        return Failure(
-            ExitStatus.SERVICE,
-            f"unexpected {type(exc).__name__}: {first_line(exc)}",
-            "run again with --verbose for details",
-        )
+        return unexpected  # and the Azure SDK may not even be imported
     if isinstance(exc, ClientAuthenticationError):
         return authentication_failure(exc, vault)
     if isinstance(exc, ResourceExistsError):  # 409 from create: the name belongs to a soft-deleted key
@@ -959,9 +958,7 @@ def explain(exc: BaseException, vault: Optional[Vault], name: str = "") -> Failu
             f"{vault.label} answered HTTP {exc.status_code}: {first_line(exc)}",
             "run again with --verbose to see the HTTP exchange",
         )
-    return Failure(
-        ExitStatus.SERVICE, f"{type(exc).__name__}: {first_line(exc)}", "run again with --verbose for details"
-    )
+    return unexpected
 
 
 def authentication_failure(exc: ClientAuthenticationError, vault: Vault) -> Failure:
