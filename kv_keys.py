@@ -413,7 +413,7 @@ class Vault:
     url: str = ""
     label: str = ""  # how the progress lines name the vault
     ca_file: Optional[str] = None  # extra CA to trust, for a loopback vault only
-    source: str = ""  # where the vault came from, for messages
+    source: str = ""  # why the embedded localvault is used, for its first line
 
     @property
     def host(self) -> str:
@@ -523,18 +523,15 @@ def choose_vault(args: argparse.Namespace, environ: Any) -> Vault:
     url = "" if args.local else args.vault_url or environ.get("KEY_VAULT_URL", "").strip()
     name = "" if args.local else environ.get("KEY_VAULT_NAME", "").strip()
     if url:
-        source = "--vault-url" if args.vault_url else "KEY_VAULT_URL"
-        vault = Vault(kind="url", url=check_vault_url(url, source), source=source)
-        vault.label = vault.url
+        url = check_vault_url(url, "--vault-url" if args.vault_url else "KEY_VAULT_URL")
+        vault = Vault(kind="url", url=url, label=url)
         if vault.is_loopback:  # localvault's CA and identity endpoint serve a loopback vault only
             vault.ca_file = check_local_ca_file(environ)
             check_identity_variables(vault, environ)
         return vault
     if name:
         check_vault_name(name)
-        return Vault(
-            kind="azure", url=f"https://{name.lower()}.vault.azure.net", label=name, source="KEY_VAULT_NAME"
-        )
+        return Vault(kind="azure", url=f"https://{name.lower()}.vault.azure.net", label=name)
     if importlib.util.find_spec("localvault") is None:
         raise Failure(
             ExitStatus.USAGE,
