@@ -131,11 +131,16 @@ def run_quickstart(
         print(f"Retrieving your key from {vault.label}.")
         retrieved = client.get_key(name)
         print(f"Key with name '{retrieved.name}' was found.")
-        check_same_version(vault, name, run, retrieved.properties.version)
+        if retrieved.properties.version != run.key.properties.version:
+            raise someone_else_writes(name, run, f"returned version {retrieved.properties.version}")
         print(f"  same version as created: {retrieved.properties.version}")
 
         if args.keep:
-            keep_key(vault, name)
+            print(f"Keeping your key in {vault.label} (--keep).")
+            if vault.kind == "embedded":
+                print("  (this embedded localvault goes away when the script ends)")
+            else:
+                print(f"  to delete it later: {az_command(vault, 'delete', name)}")
             return ExitStatus.OK
         if run.stage is not Stage.OWNED:
             raise not_owned_failure(vault, name, run)
@@ -224,7 +229,7 @@ def create_key(client: KeyClient, name: str, args: argparse.Namespace, run: Run)
     vault's Retry-After, and says so (azure-core would retry in silence: retry_status=0 turns that off for
     the create). A create whose answer was lost, or that failed otherwise, may have worked: never tried again."""
     create = client.create_ec_key if args.type == "ec" else client.create_rsa_key
-    options: dict = {"curve": args.curve} if args.type == "ec" else {"size": args.size}
+    options: dict = {"curve": args.curve or "P-256"} if args.type == "ec" else {"size": args.size or 2048}
     if args.hsm:
         options["hardware_protected"] = True
     for retry in range(1, RETRIES + 2):
@@ -252,7 +257,6 @@ def retry_after(exc: HttpResponseError, retry: int) -> int:
 
 
 def describe_key(key: KeyVaultKey) -> None:
-    """Print what the vault says about the key it created."""
     material = key.key
     if str(enum_text(key.key_type)).startswith("EC"):
         shape = f"curve {enum_text(getattr(material, 'crv', None))}"
@@ -289,13 +293,7 @@ def check_ownership(client: KeyClient, vault: Vault, name: str, run: Run) -> Non
     elif not versions:
         run.doubt = f"the vault does not list the key's versions yet (not even {version})"
     elif version not in versions:
-        run.stage = Stage.FOREIGN
-        raise Failure(
-            ExitStatus.CONFLICT,
-            f"the vault lists version(s) {', '.join(versions)} of '{name}', not the version {version} created "
-            "here: something else is writing to this key; nothing was deleted",
-            "this script leaves the key alone; choose another name",
-        )
+        raise someone_else_writes(name, run, f"lists version(s) {', '.join(versions)}")
     else:
         run.stage = Stage.FOREIGN
         raise Failure(
@@ -308,25 +306,15 @@ def check_ownership(client: KeyClient, vault: Vault, name: str, run: Run) -> Non
         )
 
 
-def check_same_version(vault: Vault, name: str, run: Run, version: str) -> None:
-    """Step 4, end: get_key must return the version created here, or someone else is writing to the key."""
+def someone_else_writes(name: str, run: Run, seen: str) -> Failure:
     assert run.key is not None
-    if version != run.key.properties.version:
-        run.stage = Stage.FOREIGN
-        raise Failure(
-            ExitStatus.CONFLICT,
-            f"the vault returned version {version} of '{name}', not the version {run.key.properties.version} "
-            "created here: something else is writing to this key",
-            "this script leaves the key alone; choose another name",
-        )
-
-
-def keep_key(vault: Vault, name: str) -> None:
-    print(f"Keeping your key in {vault.label} (--keep).")
-    if vault.kind == "embedded":
-        print("  (this embedded localvault goes away when the script ends)")
-    else:
-        print(f"  to delete it later: {az_command(vault, 'delete', name)}")
+    run.stage = Stage.FOREIGN
+    return Failure(
+        ExitStatus.CONFLICT,
+        f"the vault {seen} of '{name}', not the version {run.key.properties.version} created here: "
+        "something else is writing to this key",
+        "this script leaves the key alone; choose another name",
+    )
 
 
 def not_owned_failure(vault: Vault, name: str, run: Run) -> Failure:
@@ -425,11 +413,11 @@ class Vault:
     url: str = ""
     label: str = ""  # how the progress lines name the vault
     ca_file: Optional[str] = None  # extra CA to trust, for a loopback vault only
-    source: str = ""  # where the vault came from, for messages
+    source: str = ""  # why the embedded localvault is used, for its first line
 
     @property
     def host(self) -> str:
-        return urlsplit(self.url).hostname or ""
+        return host_of(self.url)
 
     @property
     def is_loopback(self) -> bool:
@@ -467,28 +455,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--vault-url", metavar="URL", help="full vault URL (default: $KEY_VAULT_URL)")
-    where.add_argument(
-        "--local",
-        action="store_true",
-        help="use the embedded localvault even if KEY_VAULT_* variables are set",
-    )
+    where.add_argument("--local", action="store_true", help="the embedded localvault, even with KEY_VAULT_*")
     parser.add_argument("--name", help="key name, 1-127 letters, digits and hyphens (default: ask)")
     parser.add_argument("--type", choices=["rsa", "ec"], default="rsa", help="key type (default: rsa)")
     parser.add_argument("--size", type=int, choices=[2048, 3072, 4096], help="RSA key size (default: 2048)")
     parser.add_argument(
         "--curve", choices=["P-256", "P-384", "P-521", "P-256K"], help="EC curve (default: P-256)"
     )
-    parser.add_argument(
-        "--hsm", action="store_true", help="HSM-protected key (Premium vaults and Managed HSM only)"
-    )
+    parser.add_argument("--hsm", action="store_true", help="HSM-protected key (Premium vault or Managed HSM)")
     after = parser.add_mutually_exclusive_group()
-    after.add_argument(
-        "--purge", action="store_true", help="purge the key after deleting it, freeing its name"
-    )
+    after.add_argument("--purge", action="store_true", help="purge the key after deleting it: frees its name")
     after.add_argument("--keep", action="store_true", help="keep the key: skip the deletion")
-    parser.add_argument(
-        "-v", "--verbose", action="store_true", help="log HTTP requests (tokens redacted) and show tracebacks"
-    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="HTTP log (tokens redacted), tracebacks")
     return parser
 
 
@@ -500,10 +478,6 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
         raise Failure(
             ExitStatus.USAGE, "--size applies to RSA keys only", "use --curve for EC keys, or drop --size"
         )
-    if args.type == "rsa":
-        args.size = args.size or 2048
-    else:
-        args.curve = args.curve or "P-256"
     if args.name is not None:
         check_key_name(args.name)
     return args
@@ -549,18 +523,15 @@ def choose_vault(args: argparse.Namespace, environ: Any) -> Vault:
     url = "" if args.local else args.vault_url or environ.get("KEY_VAULT_URL", "").strip()
     name = "" if args.local else environ.get("KEY_VAULT_NAME", "").strip()
     if url:
-        source = "--vault-url" if args.vault_url else "KEY_VAULT_URL"
-        vault = Vault(kind="url", url=check_vault_url(url, source), source=source)
-        vault.label = vault.url
+        url = check_vault_url(url, "--vault-url" if args.vault_url else "KEY_VAULT_URL")
+        vault = Vault(kind="url", url=url, label=url)
         if vault.is_loopback:  # localvault's CA and identity endpoint serve a loopback vault only
             vault.ca_file = check_local_ca_file(environ)
             check_identity_variables(vault, environ)
         return vault
     if name:
         check_vault_name(name)
-        return Vault(
-            kind="azure", url=f"https://{name.lower()}.vault.azure.net", label=name, source="KEY_VAULT_NAME"
-        )
+        return Vault(kind="azure", url=f"https://{name.lower()}.vault.azure.net", label=name)
     if importlib.util.find_spec("localvault") is None:
         raise Failure(
             ExitStatus.USAGE,
@@ -577,22 +548,17 @@ def check_vault_url(url: str, source: str) -> str:
         parts = urlsplit(url.strip())
         port = parts.port  # raises ValueError for a port that is not a number from 0 to 65535
     except ValueError as exc:
-        raise Failure(ExitStatus.USAGE, f"invalid vault URL {url!r} in {source}: {exc}", URL_HINT) from None
-    if parts.scheme.lower() != "https" or not parts.hostname:
-        raise Failure(
-            ExitStatus.USAGE, f"invalid vault URL {url!r} in {source}: it must start with https://", URL_HINT
-        )
-    if port == 0 or parts.netloc.endswith(":"):
-        raise Failure(
-            ExitStatus.USAGE, f"invalid vault URL {url!r} in {source}: the port is empty or 0", URL_HINT
-        )
-    if parts.username or parts.password or parts.query or parts.fragment or parts.path not in ("", "/"):
-        raise Failure(
-            ExitStatus.USAGE,
-            f"invalid vault URL {url!r} in {source}: it must be only https://host[:port]",
-            URL_HINT,
-        )
-    return f"https://{parts.netloc.lower()}"
+        problem = str(exc)
+    else:
+        if parts.scheme.lower() != "https" or not parts.hostname:
+            problem = "it must start with https://"
+        elif port == 0 or parts.netloc.endswith(":"):
+            problem = "the port is empty or 0"
+        elif parts.username or parts.password or parts.query or parts.fragment or parts.path not in ("", "/"):
+            problem = "it must be only https://host[:port]"
+        else:
+            return f"https://{parts.netloc.lower()}"
+    raise Failure(ExitStatus.USAGE, f"invalid vault URL {url!r} in {source}: {problem}", URL_HINT)
 
 
 def check_vault_name(name: str) -> None:
@@ -632,11 +598,7 @@ def check_identity_variables(vault: Vault, environ: Any) -> None:
             "or unset KEY_VAULT_URL to use the embedded localvault",
         )
     endpoint = environ["IDENTITY_ENDPOINT"].strip()
-    try:
-        host = urlsplit(endpoint).hostname or ""
-    except ValueError:
-        host = ""
-    if not is_loopback_host(host):
+    if not is_loopback_host(host_of(endpoint)):
         raise Failure(
             ExitStatus.USAGE,
             f"IDENTITY_ENDPOINT is {endpoint}, not on this machine, but the vault {vault.url} is: "
@@ -644,6 +606,13 @@ def check_identity_variables(vault: Vault, environ: Any) -> None:
             "run here the export lines that `python -m localvault` prints (IDENTITY_ENDPOINT=http://127.0.0.1:...), "
             "or unset KEY_VAULT_URL to use the embedded localvault",
         )
+
+
+def host_of(url: str) -> str:
+    try:
+        return urlsplit(url).hostname or ""
+    except ValueError:
+        return ""
 
 
 def is_loopback_host(host: str) -> bool:
@@ -696,30 +665,20 @@ class LocalTokenSource:
         self.credential = credential
 
     def get_token(self, *scopes: str, **kwargs: Any) -> Any:
-        with self._explained():
-            return self.credential.get_token(*scopes, **kwargs)
+        return self._explained(self.credential.get_token, *scopes, **kwargs)
 
     def get_token_info(self, *scopes: str, **kwargs: Any) -> Any:
-        with self._explained():
-            return self.credential.get_token_info(*scopes, **kwargs)
+        return self._explained(self.credential.get_token_info, *scopes, **kwargs)
 
     def close(self) -> None:
         self.credential.close()
 
-    @contextlib.contextmanager
-    def _explained(self) -> Iterator[None]:
+    @staticmethod
+    def _explained(get: Callable[..., Any], *scopes: str, **kwargs: Any) -> Any:
         try:
-            yield
+            return get(*scopes, **kwargs)
         except Exception as exc:
-            refused = any(isinstance(e, ConnectionRefusedError) for e in exception_chain(exc))
-            endpoint = os.environ.get("IDENTITY_ENDPOINT", "IDENTITY_ENDPOINT")
-            raise Failure(
-                ExitStatus.AUTH,
-                f"no token from localvault's identity endpoint {endpoint} (IDENTITY_ENDPOINT): "
-                + ("connection refused" if refused else first_line(exc)),
-                "is localvault still running? Each start gets new ports and a new secret: restart "
-                "`python -m localvault` if needed and run here the latest export lines it printed",
-            ) from exc
+            raise no_local_token(exc) from exc
 
 
 # --- Cleanup: after a failure, delete the key this run created if it is certainly this run's alone; say what is left ---
@@ -744,22 +703,15 @@ def cleanup(client: KeyClient, vault: Vault, name: str, run: Run, exc: BaseExcep
 
 def _cleanup(client: KeyClient, vault: Vault, name: str, run: Run, exc: BaseException, keep: bool) -> Outcome:
     stop = run.ctrl_c.count >= 2  # Ctrl-C twice: no more requests
-    stage = run.stage
+    stage, status = run.stage, getattr(exc, "status_code", None) or 0
     if stage is Stage.CHECK:
         return Outcome("nothing was created", clean=True)
     if stage is Stage.CREATE:
-        status = getattr(exc, "status_code", None) or 0
         # refused (4xx), not carried out (503), or never sent; a 500, 502 or 504 may come after the work is done
         refused = 400 <= status < 500 or status == 503 or isinstance(exc, (ServiceRequestError, Failure))
         if refused and not stop:
             return Outcome("nothing was created", clean=True)
-        # The request may still be running in the vault: a lookup that finds nothing would prove nothing.
-        cut_off = "the create request was cut off before its answer came"
-        return may_exist(
-            vault,
-            name,
-            f"the vault answered the create with HTTP {status}" if status >= 500 and not stop else cut_off,
-        )
+        return may_exist(vault, name, "create", 0 if stop else status)
     if stage is Stage.DELETING:
         return Outcome(
             "the key that this run created is deleted; the vault finishes the deletion by itself",
@@ -781,11 +733,9 @@ def _cleanup(client: KeyClient, vault: Vault, name: str, run: Run, exc: BaseExce
             clean=True,
         )
     if stage is Stage.DELETE and stop:
-        return may_exist(vault, name, "the delete request was cut off before its answer came")
+        return may_exist(vault, name, "delete")
     assert run.key is not None
-    if (
-        stage is Stage.DELETE and getattr(exc, "status_code", None) == 403
-    ):  # asking again would change nothing
+    if stage is Stage.DELETE and status == 403:  # asking again would change nothing
         return still_there(vault, name, run, "the vault refused the deletion")
     if keep:
         return Outcome(
@@ -867,8 +817,14 @@ def still_there(
     )
 
 
-def may_exist(vault: Vault, name: str, why: str) -> Outcome:
-    """This run cannot know whether its key exists: never say that nothing was created."""
+def may_exist(vault: Vault, name: str, request: str, status: int = 0) -> Outcome:
+    """This run cannot know whether its key exists: never say that nothing was created. The request may still
+    be running in the vault (cut off), or have done its work before failing (HTTP 5xx): a lookup proves nothing."""
+    why = (
+        f"the vault answered the {request} with HTTP {status}"
+        if status >= 500
+        else f"the {request} request was cut off before its answer came"
+    )
     return Outcome(
         f"the key '{name}' may exist in {vault.label}, or may still appear: {why} (see below)",
         [
@@ -916,9 +872,9 @@ def report_error(
     if not closed:
         print(f"error: {failure.message}", file=sys.stderr, flush=True)
     outcome = after() if after is not None else Outcome("nothing was created", clean=True)
-    if closed and outcome.clean:
-        return failure.code
     if closed:
+        if outcome.clean:
+            return failure.code
         print(f"error: {failure.message}", file=sys.stderr)
     print(f"hint: {failure.hint or outcome.hint}", file=sys.stderr)
     for line in outcome.lines:
@@ -928,12 +884,13 @@ def report_error(
 
 def explain(exc: BaseException, vault: Optional[Vault], name: str = "") -> Failure:
     """Turn an exception from the SDK into a Failure with a message, a hint and an exit code."""
+    unexpected = Failure(
+        ExitStatus.SERVICE,
+        f"unexpected {type(exc).__name__}: {first_line(exc)}",
+        "run again with --verbose for details",
+    )
     if vault is None or not type(exc).__module__.startswith("azure"):
-        return Failure(
-            ExitStatus.SERVICE,
-            f"unexpected {type(exc).__name__}: {first_line(exc)}",
-            "run again with --verbose for details",
-        )
+        return unexpected  # and the Azure SDK may not even be imported
     if isinstance(exc, ClientAuthenticationError):
         return authentication_failure(exc, vault)
     if isinstance(exc, ResourceExistsError):  # 409 from create: the name belongs to a soft-deleted key
@@ -998,9 +955,7 @@ def explain(exc: BaseException, vault: Optional[Vault], name: str = "") -> Failu
             f"{vault.label} answered HTTP {exc.status_code}: {first_line(exc)}",
             "run again with --verbose to see the HTTP exchange",
         )
-    return Failure(
-        ExitStatus.SERVICE, f"{type(exc).__name__}: {first_line(exc)}", "run again with --verbose for details"
-    )
+    return unexpected
 
 
 def authentication_failure(exc: ClientAuthenticationError, vault: Vault) -> Failure:
@@ -1010,7 +965,7 @@ def authentication_failure(exc: ClientAuthenticationError, vault: Vault) -> Fail
                 "the token came from another localvault's identity endpoint, or this localvault has restarted "
                 f"since IDENTITY_ENDPOINT and IDENTITY_HEADER were set: {LOCALVAULT_HINT}"
             )
-        elif is_loopback_host(urlsplit(os.environ.get("IDENTITY_ENDPOINT", "")).hostname or ""):
+        elif is_loopback_host(host_of(os.environ.get("IDENTITY_ENDPOINT", ""))):
             hint = "IDENTITY_ENDPOINT and IDENTITY_HEADER point at this machine (a localvault?): unset them, then az login"
         else:
             hint = "sign in to the vault's tenant: az login --tenant TENANT_ID"
@@ -1018,15 +973,23 @@ def authentication_failure(exc: ClientAuthenticationError, vault: Vault) -> Fail
             ExitStatus.AUTH, f"{vault.label} rejected the credential (HTTP 401): {first_line(exc)}", hint
         )
     if vault.is_loopback:
-        return Failure(
-            ExitStatus.AUTH,
-            f"no token from localvault's identity endpoint: {first_line(exc)}",
-            f"is localvault still running? {LOCALVAULT_HINT}",
-        )
+        return no_local_token(exc)
     return Failure(
         ExitStatus.AUTH,
         f"authentication failed: {summarise_credentials(str(exc))}",
         "sign in with `az login` (or set AZURE_TENANT_ID, AZURE_CLIENT_ID and AZURE_CLIENT_SECRET), then run again",
+    )
+
+
+def no_local_token(exc: BaseException) -> Failure:
+    refused = any(isinstance(e, ConnectionRefusedError) for e in exception_chain(exc))
+    endpoint = os.environ.get("IDENTITY_ENDPOINT", "IDENTITY_ENDPOINT")
+    return Failure(
+        ExitStatus.AUTH,
+        f"no token from localvault's identity endpoint {endpoint} (IDENTITY_ENDPOINT): "
+        + ("connection refused" if refused else first_line(exc)),
+        "is localvault still running? Each start gets new ports and a new secret: restart "
+        "`python -m localvault` if needed and run here the latest export lines it printed",
     )
 
 
@@ -1050,49 +1013,45 @@ def connection_failure(exc: BaseException, vault: Vault) -> Failure:
     """The cause by type (gaierror, SSLError, ConnectionRefusedError); the error text only as a fallback."""
     causes = list(exception_chain(exc))
     text = " ".join(str(e) for e in causes)
+
+    def caused_by(kind: type, pattern: str) -> bool:
+        return any(isinstance(e, kind) for e in causes) or re.search(pattern, text) is not None
+
     where = vault.host or vault.url
-    if any(isinstance(e, socket.gaierror) for e in causes) or re.search(
-        r"NameResolution|Name or service not known|nodename nor servname|getaddrinfo failed|"
-        r"Temporary failure in name resolution|No address associated",
-        text,
-    ):
+    if caused_by(socket.gaierror, DNS_ERROR_TEXT):
+        problem = f"cannot find the vault: the name {where} does not resolve"
         hint = (
             f"check the vault name: is '{vault.label}' listed by `az keyvault list --output table`?"
             if vault.kind == "azure"
             else "check the host name in the vault URL, and your DNS or network"
         )
-        return Failure(
-            ExitStatus.UNREACHABLE, f"cannot find the vault: the name {where} does not resolve", hint
-        )
-    if any(isinstance(e, ssl.SSLError) for e in causes) or re.search(
-        r"CERTIFICATE_VERIFY_FAILED|SSLError", text
-    ):
+    elif caused_by(ssl.SSLError, r"CERTIFICATE_VERIFY_FAILED|SSLError"):
+        problem = f"TLS failed with {where}: {first_line(exc)}"
         hint = (
             "trust the localvault that serves this URL: set LOCALVAULT_CA_FILE from its `python -m localvault` output"
             if vault.is_loopback
             else "a proxy or antivirus may be intercepting TLS; this script never turns verification off"
         )
-        return Failure(ExitStatus.UNREACHABLE, f"TLS failed with {where}: {first_line(exc)}", hint)
-    if any(isinstance(e, ConnectionRefusedError) for e in causes) or "refused" in text.lower():
+    elif caused_by(ConnectionRefusedError, r"(?i)refused"):
+        problem = f"cannot connect to {vault.url}: connection refused"
         hint = (
             "is localvault still running there? Each start gets a new port: use its latest export lines"
             if vault.is_loopback
             else "check the vault URL and your network"
         )
-        return Failure(ExitStatus.UNREACHABLE, f"cannot connect to {vault.url}: connection refused", hint)
-    if isinstance(
-        exc, (ServiceResponseError, IncompleteReadError)
-    ):  # the request went out; the answer did not come
-        return Failure(
-            ExitStatus.UNREACHABLE,
-            f"no answer from {vault.url}: the connection was lost after the request was sent ({first_line(exc)})",
-            "run again; if it keeps happening, check your network and any proxy (HTTPS_PROXY)",
-        )
-    return Failure(
-        ExitStatus.UNREACHABLE,
-        f"cannot reach {vault.url}: {first_line(exc)}",
-        "check the vault URL, your network and any proxy (HTTPS_PROXY)",
-    )
+    elif isinstance(exc, (ServiceResponseError, IncompleteReadError)):  # the request went out, no answer came
+        problem = f"no answer from {vault.url}: the connection was lost after the request was sent ({first_line(exc)})"
+        hint = "run again; if it keeps happening, check your network and any proxy (HTTPS_PROXY)"
+    else:
+        problem = f"cannot reach {vault.url}: {first_line(exc)}"
+        hint = "check the vault URL, your network and any proxy (HTTPS_PROXY)"
+    return Failure(ExitStatus.UNREACHABLE, problem, hint)
+
+
+DNS_ERROR_TEXT = (
+    r"NameResolution|Name or service not known|nodename nor servname|getaddrinfo failed|"
+    r"Temporary failure in name resolution|No address associated"
+)
 
 
 def exception_chain(exc: BaseException) -> Iterator[BaseException]:
