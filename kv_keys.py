@@ -1035,7 +1035,8 @@ def connection_failure(exc: BaseException, vault: Vault) -> Failure:
     elif caused_by(ConnectionRefusedError, r"(?i)refused"):
         problem = f"cannot connect to {vault.url}: connection refused"
         hint = (
-            "is localvault still running there? Each start gets a new port: use its latest export lines"
+            "is localvault still running there? Start it again with the same --port (and --data, which keeps its CA "
+            "and secrets), or use the export lines of the localvault that is running"
             if vault.is_loopback
             else "check the vault URL and your network"
         )

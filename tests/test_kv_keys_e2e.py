@@ -131,6 +131,10 @@ def test_connection_refused_on_a_free_port(vault_env: Dict[str, str]) -> None:
     env = dict(vault_env, KEY_VAULT_URL=f"https://127.0.0.1:{port}")
     lines = assert_error(kv_keys("--name", "refused-key", env=env), 5)
     assert "connection refused" in lines[0]
+    assert lines[1] == (
+        "hint: is localvault still running there? Start it again with the same --port (and --data, which "
+        "keeps its CA and secrets), or use the export lines of the localvault that is running"
+    )
 
 
 # --------------------------------------------------------------------------------------------------------
