@@ -366,7 +366,8 @@ def print_deletion(vault: Vault, name: str, deleted: Any, purge: bool) -> None:
         print("  This vault does not keep deleted keys: the key is gone.")
         return
     print(f"  recovery id: {deleted.recovery_id}")
-    print(f"  purge date:  {deleted.scheduled_purge_date} (until then the name '{name}' stays taken)")
+    until = "--purge: purged next" if purge else f"until then the name '{name}' stays taken"
+    print(f"  purge date:  {deleted.scheduled_purge_date} ({until})")
     if not purge:
         print(f"  to recover:  {az_command(vault, 'recover', name)}{needs(vault, 'recover')}")
         print(f"  to purge:    {az_command(vault, 'purge', name)}   (or run this script with --purge)")

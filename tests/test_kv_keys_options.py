@@ -66,7 +66,7 @@ def test_default_run_reproduces_the_original_flow(
         assert detail in out
     assert "same version as created: v1" in out
     assert f"recovery id: https://{VAULT}.vault.azure.net/deletedkeys/{NAME}" in out
-    assert "purge date:  2025-04-02" in out
+    assert f"purge date:  2025-04-02 00:00:00+00:00 (until then the name '{NAME}' stays taken)" in out
     assert f"az keyvault key recover --vault-name {VAULT} --name {NAME}" in out
     assert f"az keyvault key purge --vault-name {VAULT} --name {NAME}" in out
     vault = client.factory.call_args.args[0]
@@ -108,6 +108,7 @@ def test_purge_after_deletion(client: mock.MagicMock, capsys: pytest.CaptureFixt
     assert code == 0
     assert order == ["wait", f"purge {NAME}"]
     assert f"The name '{NAME}' can be used again (Azure may take a few seconds to finish)." in out
+    assert "(--purge: purged next)" in out and "stays taken" not in out  # never says what --purge undoes
 
 
 def test_purge_protection_is_explained(client: mock.MagicMock, capsys: pytest.CaptureFixture[str]) -> None:
