@@ -10,7 +10,6 @@ import pytest
 from azure.core.exceptions import HttpResponseError
 from azure.core.rest import HttpRequest
 from azure.keyvault.keys import (
-    JsonWebKey,
     KeyClient,
     KeyRotationLifetimeAction,
     KeyRotationPolicy,
@@ -24,20 +23,9 @@ from azure.keyvault.keys.crypto import (
 )
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding
+from test_localvault_crypto import ec_jwk
 
 from localvault import LocalVault
-
-
-def private_ec_jwk() -> JsonWebKey:
-    numbers = ec.generate_private_key(ec.SECP256R1()).private_numbers()
-    return JsonWebKey(
-        kty="EC",
-        crv="P-256",
-        d=numbers.private_value.to_bytes(32, "big"),
-        x=numbers.public_numbers.x.to_bytes(32, "big"),
-        y=numbers.public_numbers.y.to_bytes(32, "big"),
-    )
-
 
 NOT_CALLS = {"close", "vault_url", "key_id"}  # properties and cleanup
 
@@ -84,7 +72,9 @@ def test_every_key_client_method(key_client, unique_key_name):
     key_client.begin_delete_key(other).wait()
     called["purge_deleted_key"] = key_client.purge_deleted_key(other)
     called["restore_key_backup"] = key_client.restore_key_backup(backup)
-    called["import_key"] = key_client.import_key(f"{name}-imported", private_ec_jwk())
+    called["import_key"] = key_client.import_key(
+        f"{name}-imported", ec_jwk(ec.generate_private_key(ec.SECP256R1()), "EC", "P-256")
+    )
     # documented refusals in a key vault: no exportable keys, no attestation service; /rng and oct keys
     # belong to a Managed HSM
     called["release_key"] = _refused(key_client.release_key, name, "attestation-token")
