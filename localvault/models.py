@@ -163,7 +163,8 @@ class Journal(Protocol):
 
 class _KeyWrites:
     """One key's changes not yet settled in the journal, by sequence number (guarded by KeyStore._io),
-    and how far its journal writes have got (guarded by ``lock``, held while writing)."""
+    and how far its journal writes have got (set under ``lock``, held while writing; ``written`` is read
+    under KeyStore._io, which is notified after it is set)."""
 
     def __init__(self) -> None:
         self.pending: Set[int] = set()
@@ -396,11 +397,11 @@ class KeyStore:
 
     @contextmanager
     def _locked(self, name: Optional[str] = None) -> Iterator[None]:
-        """The store's lock, for a block that reads or changes the key ``name`` only, or any key (no
-        name). With a journal, leaving the outermost level releases the lock, writes the changes this
-        thread made (``_changed``), then waits until every change to what the thread looked at that was
-        made before is written, so no answer shows what is not on disk. No other key's write is waited
-        for, and no file is written with the lock held."""
+        """The store's lock, for a block whose answer shows the key ``name`` only, or any key (no name:
+        the safe default, which only costs waiting). With a journal, leaving the outermost level
+        releases the lock, writes the changes this thread made (``_changed``, the clock's catch-up's
+        included), then waits until every change made before to what the block may show is written, so
+        no answer shows what is not on disk. No file is written with the lock held."""
         held = self._held
         self._lock.acquire()
         held.depth += 1
