@@ -1,4 +1,5 @@
-"""The key store: plain methods, no HTTP. Thread-safe; everything lives in memory."""
+"""The key store: plain methods, no HTTP. Thread-safe; everything lives in memory, and in a journal if
+one is attached (``localvault.persist``)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,10 @@ import os
 import threading
 import uuid
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
-from typing import Any, Deque, Dict, Iterable, List, Optional, Protocol, Tuple
+from typing import Any, Deque, Dict, Iterable, Iterator, List, Optional, Protocol, Set, Tuple
 
 import isodate
 from cryptography.exceptions import InvalidTag
@@ -65,6 +67,9 @@ VAULT_LOCATION = "localvault;location=localvault"
 
 @dataclass
 class KeyVersion:
+    """One version of a key. Never changed in place once stored: a change stores a new one (``replace``),
+    so a snapshot of a key may share them."""
+
     name: str
     version: str
     kty: str
@@ -146,14 +151,52 @@ def check_delay(seconds: float) -> float:
 
 
 class Journal(Protocol):
-    """Where a store records its changes (``localvault.persist``); called with the store's lock held,
-    before the change is acknowledged."""
+    """Where a store records its changes (``localvault.persist``). Called without the store's lock, from
+    the thread that made the change, before the change is acknowledged; calls for one key come one at a
+    time and in the order of the changes, calls for different keys may come at once. An exception fails
+    the request that made the change (and any other whose change only this write held)."""
 
     def key_changed(self, lower: str, record: Optional[KeyRecord], deleted: Optional[DeletedKey]) -> None:
-        """The key named ``lower`` is now live as ``record``, deleted as ``deleted``, or gone (both None)."""
+        """The key named ``lower`` is now live as ``record``, deleted as ``deleted``, or gone (both None);
+        both are snapshots that the store no longer changes."""
 
-    def reset(self) -> None:
-        """Every key is gone."""
+
+class _KeyWrites:
+    """One key's changes not yet settled in the journal, by sequence number (guarded by KeyStore._io),
+    and how far its journal writes have got (set under ``lock``, held while writing; ``written`` is read
+    under KeyStore._io, which is notified after it is set)."""
+
+    def __init__(self) -> None:
+        self.pending: Set[int] = set()
+        self.lock = threading.Lock()
+        self.attempted = 0
+        self.written = 0
+        self.error: Optional[BaseException] = None
+
+
+@dataclass
+class _Staged:
+    """A change made under the store's lock, to be written by the same thread once it leaves it."""
+
+    lower: str
+    seq: int
+    writes: _KeyWrites
+    record: Optional[KeyRecord]
+    deleted: Optional[DeletedKey]
+
+
+class _Held(threading.local):
+    """What a thread did under the store's lock, until it leaves the outermost level."""
+
+    def __init__(self) -> None:
+        self.depth = 0
+        self.observed: Set[str] = set()
+        self.everything = False
+        self.staged: List[_Staged] = []
+
+
+def _snapshot(record: KeyRecord) -> KeyRecord:
+    return replace(record, versions=dict(record.versions))  # versions are replaced, never changed
 
 
 def validate_key_ops(key_ops: Optional[List[str]]) -> Optional[List[str]]:
@@ -339,23 +382,114 @@ class KeyStore:
         self._deleting: Dict[str, Pending] = {}
         self._recovering: Dict[str, Pending] = {}
         self.journal: Optional[Journal] = None
+        # With a journal: changes numbered in order, those not yet written by key, and who waits for them.
+        self._seq = 0
+        self._writes: Dict[str, _KeyWrites] = {}
+        self._io = threading.Condition(threading.Lock())
+        self._held = _Held()
 
     def load(self, keys: Iterable[KeyRecord], deleted: Iterable[DeletedKey], journal: Journal) -> None:
         """Replace every key with these, and record each change from now on in ``journal``."""
-        with self._lock:
+        with self._locked():
             self._keys = {record.name.lower(): record for record in keys}
             self._deleted = {d.record.name.lower(): d for d in deleted}
             self.journal = journal
 
+    @contextmanager
+    def _locked(self, name: Optional[str] = None) -> Iterator[None]:
+        """The store's lock, for a block whose answer shows the key ``name`` only, or any key (no name:
+        the safe default, which only costs waiting). With a journal, leaving the outermost level
+        releases the lock, writes the changes this thread made (``_changed``, the clock's catch-up's
+        included), then waits until every change made before to what the block may show is written, so
+        no answer shows what is not on disk. No file is written with the lock held."""
+        held = self._held
+        self._lock.acquire()
+        held.depth += 1
+        try:
+            if self.journal is not None:
+                if name is None:
+                    held.everything = True
+                else:
+                    held.observed.add(name.lower())
+            yield
+        finally:
+            held.depth -= 1
+            if held.depth:
+                self._lock.release()
+            else:
+                staged, observed, everything, upto = held.staged, held.observed, held.everything, self._seq
+                busy = staged or observed or everything
+                if busy:
+                    held.staged, held.observed, held.everything = [], set(), False
+                self._lock.release()
+                if busy:
+                    self._settle(staged, None if everything else observed, upto)
+
     def _changed(self, name: str) -> None:
-        """Tell the journal of the key's new state (lock held). A deletion or recovery still pending is
-        recorded as done: only its visibility waits, so after a restart it is complete."""
-        if self.journal is not None:
-            lower = name.lower()
-            deleting, recovering = self._deleting.get(lower), self._recovering.get(lower)
-            record = recovering.deleted.record if recovering else self._keys.get(lower)
-            deleted = deleting.deleted if deleting else self._deleted.get(lower)
-            self.journal.key_changed(lower, record, deleted)
+        """Stage the key's new state for the journal (inside ``_locked``). A deletion or recovery still
+        pending is recorded as done: only its visibility waits, so after a restart it is complete."""
+        if self.journal is None:
+            return
+        assert self._held.depth, "_changed() outside _locked()"
+        lower = name.lower()
+        deleting, recovering = self._deleting.get(lower), self._recovering.get(lower)
+        record = recovering.deleted.record if recovering else self._keys.get(lower)
+        deleted = deleting.deleted if deleting else self._deleted.get(lower)
+        if deleted is not None:
+            deleted = replace(deleted, record=_snapshot(deleted.record))
+        self._seq += 1
+        with self._io:
+            writes = self._writes.get(lower)
+            if writes is None:
+                writes = self._writes[lower] = _KeyWrites()
+            writes.pending.add(self._seq)
+        self._held.staged.append(
+            _Staged(lower, self._seq, writes, None if record is None else _snapshot(record), deleted)
+        )
+
+    def _settle(self, staged: List[_Staged], observed: Optional[Set[str]], upto: int) -> None:
+        """Write this thread's changes, then wait for the changes up to ``upto`` to the keys named in
+        ``observed`` (None: every key). The first failed write is raised, after every change is tried."""
+        failure: Optional[BaseException] = None
+        for change in staged:
+            try:
+                self._write(change)
+            except BaseException as exc:  # raised below, once the others are written
+                failure = failure or exc
+        if failure is not None:
+            raise failure
+
+        def written() -> bool:  # each change up to ``upto`` written, or held by a later one written
+            keys = self._writes.values() if observed is None else map(self._writes.get, observed)
+            return all(w is None or all(s > upto or s <= w.written for s in w.pending) for w in keys)
+
+        with self._io:
+            self._io.wait_for(written)
+
+    def _write(self, change: _Staged) -> None:
+        """Write one change, unless a later one of its key, which holds it, is written already: never an
+        older state over a newer one. A failure is raised for it and for the earlier changes it held."""
+        writes = change.writes
+        try:
+            with writes.lock:
+                if writes.attempted < change.seq:
+                    writes.attempted = change.seq
+                    assert self.journal is not None
+                    try:
+                        self.journal.key_changed(change.lower, change.record, change.deleted)
+                    except BaseException as exc:
+                        writes.error = exc
+                        raise
+                    writes.written = change.seq
+                elif writes.written < change.seq:
+                    assert writes.error is not None
+                    raise writes.error
+        finally:
+            with self._io:
+                writes.pending.discard(change.seq)
+                if not writes.pending:
+                    del self._writes[change.lower]
+                self._io.notify_all()
 
     @property
     def recovery_level(self) -> str:
@@ -373,13 +507,14 @@ class KeyStore:
 
     def reset(self) -> None:
         """Forget every key, version and deleted key, and put the clock back to real time."""
-        with self._lock:
+        with self._locked():
+            names = {*self._keys, *self._deleted, *self._deleting, *self._recovering}
             self._keys.clear()
             self._deleted.clear()
             self._deleting.clear()
             self._recovering.clear()
-            if self.journal is not None:
-                self.journal.reset()
+            for lower in names if self.journal is not None else ():
+                self._changed(lower)
             self.clock.reset()
 
     # -- the clock ------------------------------------------------------------------------------
@@ -479,7 +614,7 @@ class KeyStore:
         return record
 
     def get(self, name: str, version: str = "") -> KeyVersion:
-        with self._lock:
+        with self._locked(name):
             self._catch_up()
             record = self._record(name)
             if not version:
@@ -516,14 +651,14 @@ class KeyStore:
 
     def list_keys(self, after: str, limit: int) -> Tuple[List[KeyVersion], Optional[str]]:
         """Latest versions of keys whose lower-case name sorts after ``after``; and the next marker."""
-        with self._lock:
+        with self._locked():
             self._catch_up()
             names = sorted(n for n in self._keys if n > after)
             page = [self._keys[n].current() for n in names[:limit]]
         return page, (names[limit - 1] if len(names) > limit else None)
 
     def list_versions(self, name: str, after: str, limit: int) -> Tuple[List[KeyVersion], Optional[str]]:
-        with self._lock:
+        with self._locked(name):
             self._catch_up()
             record = self._keys.get(name.lower())
             versions = sorted(v for v in (record.versions if record else ()) if v > after)
@@ -531,14 +666,14 @@ class KeyStore:
         return page, (versions[limit - 1] if len(versions) > limit else None)
 
     def list_deleted(self, after: str, limit: int) -> Tuple[List[DeletedKey], Optional[str]]:
-        with self._lock:
+        with self._locked():
             self._catch_up()
             names = sorted(n for n in self._deleted if n > after)
             page = [self._deleted[n] for n in names[:limit]]
         return page, (names[limit - 1] if len(names) > limit else None)
 
     def get_deleted(self, name: str) -> DeletedKey:
-        with self._lock:
+        with self._locked(name):
             self._catch_up()
             deleted = self._deleted.get(name.lower())
             if deleted is None:
@@ -548,7 +683,7 @@ class KeyStore:
     # -- writing --------------------------------------------------------------------------------
 
     def check_name_free(self, name: str) -> None:
-        with self._lock:
+        with self._locked(name):
             self._catch_up()
             lower = name.lower()
             deleted = self._deleted.get(lower)
@@ -581,7 +716,7 @@ class KeyStore:
         self.check_key_type(kty)
         key_ops = validate_key_ops(key_ops)
         tags = validate_tags(tags)
-        with self._lock:
+        with self._locked(name):
             now = self._catch_up()
             self.check_name_free(name)
             record = self._keys.get(name.lower()) or KeyRecord(name=name)
@@ -616,7 +751,7 @@ class KeyStore:
         tags: Optional[Dict[str, str]] = None,
     ) -> KeyVersion:
         key_ops, tags = validate_key_ops(key_ops), validate_tags(tags)
-        with self._lock:
+        with self._locked(name):
             current = self.get(name, version)
             changes: Dict[str, Any] = {"updated": int(self.clock.now())}
             for attr, value in (("key_ops", key_ops), ("enabled", enabled), ("nbf", nbf), ("exp", exp)):
@@ -630,7 +765,7 @@ class KeyStore:
             return updated
 
     def delete(self, name: str) -> DeletedKey:
-        with self._lock:
+        with self._locked(name):
             now = self._catch_up()
             record = self._record(name)
             deleted = DeletedKey(record, now, now + self.retention_days * SECONDS_PER_DAY)
@@ -643,7 +778,7 @@ class KeyStore:
             return deleted
 
     def recover(self, name: str) -> KeyVersion:
-        with self._lock:
+        with self._locked(name):
             self._catch_up()
             self._check_not_deleting(name)
             deleted = self.get_deleted(name)
@@ -657,7 +792,7 @@ class KeyStore:
 
     def purge(self, name: str) -> None:
         """Purge a deleted key; 403 with purge protection, which leaves purging to the scheduled date."""
-        with self._lock:
+        with self._locked(name):
             self._catch_up()
             self._check_not_deleting(name)
             self.get_deleted(name)
@@ -674,7 +809,7 @@ class KeyStore:
         template = self.get(name)
         # Generating is slow, so it happens outside the lock, as for create.
         private_key = regenerate_key(template)
-        with self._lock:
+        with self._locked(name):
             now = self._catch_up()
             version = self._add_rotated(self._record(name), template, private_key, now)
             self._changed(name)
@@ -682,7 +817,7 @@ class KeyStore:
 
     def get_rotation_policy(self, name: str) -> Tuple[str, RotationPolicy]:
         """The key's name as stored, and its policy (the default until one is set)."""
-        with self._lock:
+        with self._locked(name):
             self._catch_up()
             record = self._record(name)
             return record.name, record.policy or default_rotation_policy(self.managed_hsm)
@@ -691,7 +826,7 @@ class KeyStore:
         self, name: str, actions: List[LifetimeAction], expiry_time: Optional[str]
     ) -> Tuple[str, RotationPolicy]:
         """Replace the key's policy (actions and expiryTime) after checking it as the service does."""
-        with self._lock:
+        with self._locked(name):
             now = self._catch_up()
             record = self._record(name)
             policy = make_rotation_policy(actions, expiry_time, self.managed_hsm, now)
@@ -705,7 +840,7 @@ class KeyStore:
 
     def backup(self, name: str) -> bytes:
         """All versions of a key and its rotation policy, sealed with this vault's secret (AES-256-GCM)."""
-        with self._lock:
+        with self._locked(name):
             self._catch_up()
             payload = json.dumps(record_to_dict(self._record(name)))
         nonce = os.urandom(12)
@@ -716,7 +851,7 @@ class KeyStore:
         self.check_key_type(record.current().kty)
         if not self.managed_hsm and record.current().family == "oct":
             raise BadParameter("This backup holds an oct key, which only a Managed HSM can restore.")
-        with self._lock:
+        with self._locked(record.name):
             self._catch_up()
             self.check_name_free(record.name)
             if record.name.lower() in self._keys:

@@ -15,7 +15,9 @@ key derived from it by scrypt (salt in localvault.json), each bound to its own f
 they are plain JSON.
 
 Each change rewrites only the file it concerns: a temporary file is written and fsynced, renamed over
-the old one, and the directory fsynced, before the store's method returns, so before any answer.
+the old one, and the directory fsynced, before the store's method returns, so before any answer. The
+store makes these writes outside its lock, one key's in order, so a slow write stalls only the requests
+that wait for that key (see KeyStore._locked).
 """
 
 from __future__ import annotations
@@ -367,10 +369,6 @@ class DataDir:
         if deleted is not None:
             data["deleted"] = {"date": deleted.deleted_date, "purge": deleted.scheduled_purge_date}
         self._write(relative, self._seal(json.dumps(data, separators=(",", ":")).encode(), relative))
-
-    def reset(self) -> None:
-        for entry in os.listdir(self._file(KEYS)):
-            self._remove(os.path.join(KEYS, entry))
 
     def save_clock(self, offset: float) -> None:
         self._write(CLOCK, json.dumps({"offset": offset}).encode())
