@@ -121,7 +121,12 @@ def run_quickstart(
         check_name_is_free(client, vault, name)
 
         print(f"Creating a key in {vault.label} called '{name}' ...")
-        create_key(client, name, args, run)
+        options: dict = {"hardware_protected": True} if args.hsm else {}
+        if args.type == "ec":
+            request = functools.partial(client.create_ec_key, name, curve=args.curve or "P-256", **options)
+        else:
+            request = functools.partial(client.create_rsa_key, name, size=args.size or 2048, **options)
+        create_key(request, run)  # sends it, and again while the vault throttles
         print(" done.")
         describe_key(run.key)
         # Someone may have created the name since step 2: then this run added a version to their key, and
@@ -224,19 +229,15 @@ def check_name_is_free(client: KeyClient, vault: Vault, name: str) -> None:
 RETRIES = 5  # per request, for a vault that throttles (429) or is unavailable (5xx); see make_client
 
 
-def create_key(client: KeyClient, name: str, args: argparse.Namespace, run: Run) -> None:
+def create_key(request: Callable[..., KeyVaultKey], run: Run) -> None:
     """Step 3. A create answered 429 or 503 was not carried out: the script tries again itself, after the
     vault's Retry-After, and says so (azure-core would retry in silence: retry_status=0 turns that off for
     the create). A create whose answer was lost, or that failed otherwise, may have worked: never tried again."""
-    create = client.create_ec_key if args.type == "ec" else client.create_rsa_key
-    options: dict = {"curve": args.curve or "P-256"} if args.type == "ec" else {"size": args.size or 2048}
-    if args.hsm:
-        options["hardware_protected"] = True
     for retry in range(1, RETRIES + 2):
         try:
             with run.ctrl_c.finishing("create"):  # a first Ctrl-C lets the vault answer: the key is known
                 run.stage = Stage.CREATE
-                run.key = create(name, retry_status=0, **options)
+                run.key = request(retry_status=0)
                 run.stage = Stage.CREATED
                 return
         except HttpResponseError as exc:
