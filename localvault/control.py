@@ -9,7 +9,6 @@ the body is not read. Its requests are neither logged nor subject to faults or p
 from __future__ import annotations
 
 import hmac
-import json
 import re
 import threading
 from collections import deque
@@ -20,6 +19,7 @@ from urllib.parse import urlsplit
 from .exceptions import BadParameter, Forbidden, MethodNotAllowed, NotFound, Unauthorized, VaultError
 from .faults import FaultPlan, canonical_names
 from .models import VAULT_LOCATION, KeyStore, add_duration, check_delay
+from .responses import json_object
 from .tokens import TENANT_ID
 from .urls import ROUTES, Route, resolve
 
@@ -303,18 +303,6 @@ def _route(method: str, target: str) -> Callable[[Call], Answer]:
     return methods[method]
 
 
-def _json_body(raw: bytes) -> Dict[str, Any]:
-    if not raw.strip():
-        return {}
-    try:
-        body = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError):
-        raise BadParameter("The request body is not valid JSON.") from None
-    if not isinstance(body, dict):
-        raise BadParameter("The request body must be a JSON object.")
-    return body
-
-
 def handle(handler: Any) -> None:
     """Serve one control API request on ``handler`` (a VaultHandler)."""
     controls: Controls = handler.server.controls
@@ -323,7 +311,7 @@ def handle(handler: Any) -> None:
             handler.skip_body()
             raise Unauthorized("The control API needs the identity secret in X-IDENTITY-HEADER.")
         action = _route(handler.command, handler.path)
-        status, payload = action(Call(controls, handler, _json_body(handler.read_body())))
+        status, payload = action(Call(controls, handler, json_object(handler.read_body()) or {}))
     except VaultError as error:
         status, payload = error.status, error.body()
     handler.send_json(status, payload, {"Cache-Control": "no-store"})

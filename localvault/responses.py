@@ -43,13 +43,23 @@ class Request:
     def json(self) -> Dict[str, Any]:
         """The body as a JSON object; BadParameter if it is missing or is not one."""
         if self._json is None:
-            try:
-                self._json = json.loads(self.body.decode("utf-8")) if self.body.strip() else None
-            except (UnicodeDecodeError, ValueError, RecursionError):
-                raise BadParameter("The request body is not valid JSON.") from None
-            if not isinstance(self._json, dict):
+            self._json = json_object(self.body)
+            if self._json is None:
                 raise BadParameter("The request body must be a JSON object.")
         return self._json
+
+
+def json_object(raw: bytes) -> Optional[Dict[str, Any]]:
+    """A request body as a JSON object, None if it is empty; BadParameter if it is not JSON or not an object."""
+    if not raw.strip():
+        return None
+    try:
+        value = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise BadParameter("The request body is not valid JSON.") from None
+    if not isinstance(value, dict):
+        raise BadParameter("The request body must be a JSON object.")
+    return value
 
 
 # -- parsing helpers -------------------------------------------------------------------------------
