@@ -21,7 +21,7 @@ import pytest
 from conftest import RawVault, error_of
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from localvault import LocalVault, cli, server
+from localvault import LocalVault, cli, http11
 from localvault.cli import READY, read_exports
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -503,7 +503,7 @@ def _trickle(sock: ssl.SSLSocket, byte: bytes) -> bytes:
 
 @pytest.mark.parametrize("part", ["request line", "headers", "body"])
 def test_a_trickling_client_is_cut_off_with_408(localvault, monkeypatch, part):
-    monkeypatch.setattr(server, "REQUEST_TIMEOUT", 0.5)
+    monkeypatch.setattr(http11, "REQUEST_TIMEOUT", 0.5)
     start = {
         "request line": b"GET /keys?api-version=7.5&x=",
         "headers": b"GET /keys?api-version=7.5 HTTP/1.1\r\nX-Slow: ",
@@ -519,7 +519,7 @@ def test_a_trickling_client_is_cut_off_with_408(localvault, monkeypatch, part):
 
 
 def test_a_trickling_client_of_the_identity_endpoint_is_cut_off(localvault, monkeypatch):
-    monkeypatch.setattr(server, "REQUEST_TIMEOUT", 0.5)
+    monkeypatch.setattr(http11, "REQUEST_TIMEOUT", 0.5)
     with _identity(localvault) as sock:
         sock.sendall(b"GET /msi/token HTTP/1.1\r\nX-Slow: ")
         sock.settimeout(0.1)
@@ -536,7 +536,7 @@ def test_a_trickling_client_of_the_identity_endpoint_is_cut_off(localvault, monk
 
 
 def test_an_idle_connection_is_closed_without_an_answer(localvault, monkeypatch):
-    monkeypatch.setattr(server, "IDLE_TIMEOUT", 0.3)
+    monkeypatch.setattr(http11, "IDLE_TIMEOUT", 0.3)
     with _tls(localvault) as sock:
         assert _until_eof(sock) == b""
     monkeypatch.undo()
@@ -544,7 +544,7 @@ def test_an_idle_connection_is_closed_without_an_answer(localvault, monkeypatch)
 
 
 def test_a_stalled_tls_handshake_is_closed(localvault, monkeypatch):
-    monkeypatch.setattr(server, "REQUEST_TIMEOUT", 0.3)
+    monkeypatch.setattr(http11, "REQUEST_TIMEOUT", 0.3)
     with socket.create_connection(("127.0.0.1", localvault.port), timeout=30) as sock:
         sock.sendall(b"\x16\x03\x01")  # the start of a ClientHello, and no more
         try:
