@@ -14,7 +14,7 @@ import ssl
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Dict, Optional, Set, Tuple
+from typing import Any, Dict, Iterable, Match, Optional, Set, Tuple
 from urllib.parse import SplitResult, urlsplit
 
 from .exceptions import BadParameter, PayloadTooLarge, VaultError
@@ -40,7 +40,11 @@ _PROTOCOL_CODES = {
     413: "RequestEntityTooLarge",
     505: "HttpVersionNotSupported",
 }
-_TOKEN_LIKE = re.compile(r"eyJ[\w-]*\.[\w-]*\.[\w-]*")
+MAX_LOGGED = 1024  # characters of client-controlled text in one log line
+# Runs of characters a token or a percent-encoded one is made of: found in one linear pass, and a run
+# holding a JWT's start ("eyJ", base64url for '{"') is hidden whole, whatever separates its parts.
+_WORDS = re.compile(r"[\w.%~+/-]+")
+_SECRET_VALUE = re.compile(r"(?i)(secret=)[^&\s]*")
 
 
 class ProtocolError(VaultError):
@@ -59,9 +63,21 @@ def split_target(target: str) -> SplitResult:
         raise BadParameter("The request target is not a valid URL.") from None
 
 
-def printable(text: str) -> str:
-    """Client-controlled text for the log: control characters escaped, anything like a token hidden."""
-    return _TOKEN_LIKE.sub("<token>", text.translate(BaseHTTPRequestHandler._control_char_table))
+def printable(text: str, hidden: Iterable[str] = ()) -> str:
+    """Client-controlled text for the log, in time linear in its length: each of ``hidden``, any
+    ``secret=`` value and anything like a token hidden, cut to MAX_LOGGED, control characters escaped."""
+    for secret in hidden:
+        if secret:
+            text = text.replace(secret, "<secret>")
+    if len(text) > MAX_LOGGED:
+        text = f"{text[:MAX_LOGGED]}...({len(text) - MAX_LOGGED} more)"
+    text = _SECRET_VALUE.sub(r"\1<secret>", text)
+    text = _WORDS.sub(_hide_token, text)
+    return text.translate(BaseHTTPRequestHandler._control_char_table)
+
+
+def _hide_token(match: Match[str]) -> str:
+    return "<token>" if "eyJ" in match[0] else match[0]
 
 
 class RequestReader(socket.SocketIO):
@@ -100,6 +116,7 @@ class Server(ThreadingHTTPServer):
     daemon_threads = False
     block_on_close = True
     allow_reuse_address = False
+    hidden: Tuple[str, ...] = ()  # secrets that never reach the log, even when a client sends them
 
     def __init__(
         self,
@@ -370,7 +387,8 @@ class Handler(BaseHTTPRequestHandler):
             self.connection.settimeout(IDLE_TIMEOUT)
 
     def log_message(self, format: str, *args: Any) -> None:
-        log.debug("%s %s", self.address_string(), printable(format % args))
+        if log.isEnabledFor(logging.DEBUG):  # every answer is logged: no work for a log that drops it
+            log.debug("%s %s", self.address_string(), printable(format % args, self.server.hidden))
 
     def send_json(self, status: int, body: Optional[Dict[str, Any]], headers: Dict[str, str]) -> None:
         payload = b"" if body is None else json.dumps(body, separators=(",", ":")).encode()

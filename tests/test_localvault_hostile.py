@@ -646,6 +646,35 @@ def test_debug_log_holds_no_token_secret_or_key_material(localvault, raw, caplog
     assert text.count(secret) <= 1 and "X-IDENTITY-HEADER" not in text
 
 
+def test_log_text_is_cut_before_masking_and_no_token_survives():
+    line = http11.printable("GET /keys/" + "eyJ" * 22_000 + " HTTP/1.1")
+    assert len(line) < http11.MAX_LOGGED + 32 and "eyJ" not in line
+    assert "more)" in line  # says it was cut
+
+
+def test_debug_log_hides_percent_encoded_tokens_and_secrets_in_urls(localvault, raw, caplog):
+    caplog.set_level(logging.DEBUG, logger="localvault")
+    token = raw.session.headers["Authorization"].split()[1]
+    encoded = token.replace(".", "%2E")
+    identity = localvault.environ()["IDENTITY_HEADER"]
+    for target in (
+        f"/keys?api-version=7.5&access_token={encoded}",
+        f"/keys?api-version=7.5&secret=hunter2-{identity[:6]}&next=1",
+        f"/keys/{identity}?api-version=7.5",
+    ):
+        with _tls(localvault) as sock:
+            _exchange(sock, _request("GET", target, token=token))
+    with _identity(localvault) as sock:
+        _exchange(sock, _request("GET", f"{TOKEN_TARGET}&x={identity}"))
+
+    text = "\n".join(logging.Formatter().format(r) for r in caplog.records if r.name.startswith("localvault"))
+    assert "/keys?api-version=7.5&access_token=<token>" in text  # logged, hidden
+    assert "secret=<secret>&next=1" in text and "hunter2" not in text
+    assert identity not in text and "/keys/<secret>?" in text
+    for part in token.split("."):
+        assert part not in text
+
+
 # -- --env-file --------------------------------------------------------------------------------------
 
 
