@@ -6,37 +6,34 @@ from __future__ import annotations
 import functools
 import json
 import os
-import threading
 import uuid
 from collections import deque
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
-from typing import Any, Deque, Dict, Iterable, Iterator, List, Optional, Protocol, Set, Tuple
+from typing import Any, Deque, Dict, Iterable, List, Optional, Tuple
 
 import isodate
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from . import crypto
 from .clock import Clock
 from .exceptions import BadParameter, Conflict, Forbidden, KeyNotFound, VaultError
+from .journal import Journal, WriteOrdering
 from .jwk import (
-    CURVES,
+    KEY_TYPES,
+    RSA_SIZES,
     PrivateKey,
     b64url_decode,
     b64url_encode,
+    check_kty,
     private_key_from_jwk,
     public_jwk,
+    regenerate_key,
     rsa_modulus_bits,
 )
 
-KEY_TYPES = {"RSA": "RSA", "RSA-HSM": "RSA", "EC": "EC", "EC-HSM": "EC", "oct": "oct", "oct-HSM": "oct"}
-MANAGED_HSM_TYPES = {"oct", "oct-HSM"}
-RSA_SIZES = (2048, 3072, 4096)
-RSA_EXPONENTS = (3, 65537)
 KEY_OPS = ("encrypt", "decrypt", "sign", "verify", "wrapKey", "unwrapKey", "import", "export")
 DEFAULT_OPS = {
     "RSA": ["encrypt", "decrypt", "sign", "verify", "wrapKey", "unwrapKey"],
@@ -150,51 +147,6 @@ def check_delay(seconds: float) -> float:
     return float(seconds)
 
 
-class Journal(Protocol):
-    """Where a store records its changes (``localvault.persist``). Called without the store's lock, from
-    the thread that made the change, before the change is acknowledged; calls for one key come one at a
-    time and in the order of the changes, calls for different keys may come at once. An exception fails
-    the request that made the change (and any other whose change only this write held)."""
-
-    def key_changed(self, lower: str, record: Optional[KeyRecord], deleted: Optional[DeletedKey]) -> None:
-        """The key named ``lower`` is now live as ``record``, deleted as ``deleted``, or gone (both None);
-        both are snapshots that the store no longer changes."""
-
-
-class _KeyWrites:
-    """One key's changes not yet settled in the journal, by sequence number (guarded by KeyStore._io),
-    and how far its journal writes have got (set under ``lock``, held while writing; ``written`` is read
-    under KeyStore._io, which is notified after it is set)."""
-
-    def __init__(self) -> None:
-        self.pending: Set[int] = set()
-        self.lock = threading.Lock()
-        self.attempted = 0
-        self.written = 0
-        self.error: Optional[BaseException] = None
-
-
-@dataclass
-class _Staged:
-    """A change made under the store's lock, to be written by the same thread once it leaves it."""
-
-    lower: str
-    seq: int
-    writes: _KeyWrites
-    record: Optional[KeyRecord]
-    deleted: Optional[DeletedKey]
-
-
-class _Held(threading.local):
-    """What a thread did under the store's lock, until it leaves the outermost level."""
-
-    def __init__(self) -> None:
-        self.depth = 0
-        self.observed: Set[str] = set()
-        self.everything = False
-        self.staged: List[_Staged] = []
-
-
 def _snapshot(record: KeyRecord) -> KeyRecord:
     return replace(record, versions=dict(record.versions))  # versions are replaced, never changed
 
@@ -217,53 +169,6 @@ def validate_tags(tags: Optional[Dict[str, str]]) -> Optional[Dict[str, str]]:
         if len(name) > 512 or len(value) > 256:
             raise BadParameter("Tag names are limited to 512 characters and tag values to 256 characters.")
     return dict(tags)
-
-
-def _check_kty(kty: Any, managed_hsm: bool) -> str:
-    if not isinstance(kty, str):
-        raise BadParameter("The key type (kty) must be a string.")
-    if kty in MANAGED_HSM_TYPES and not managed_hsm:
-        raise BadParameter(f"Key type '{kty}' is only supported by Managed HSM, not by a key vault.")
-    if kty not in KEY_TYPES:
-        raise BadParameter(f"Invalid key type: {kty!r}. Supported key types: {', '.join(KEY_TYPES)}.")
-    return kty
-
-
-def generate_key(
-    kty: str,
-    key_size: Optional[int],
-    public_exponent: Optional[int],
-    crv: Optional[str],
-    managed_hsm: bool = False,
-) -> PrivateKey:
-    """Generate a private key as a Premium vault (or a Managed HSM) would; BadParameter for what it rejects."""
-    family = KEY_TYPES[_check_kty(kty, managed_hsm)]
-    if family == "oct":
-        return crypto.generate_symmetric_key(256 if key_size is None else key_size)
-    if family == "RSA":
-        size = 2048 if key_size is None else key_size
-        if size not in RSA_SIZES:
-            raise BadParameter(f"Invalid key size: {size}. RSA keys must be 2048, 3072 or 4096 bits.")
-        exponent = 65537 if public_exponent is None else public_exponent
-        if exponent not in RSA_EXPONENTS:
-            raise BadParameter(f"Invalid public exponent: {exponent}. Supported values: 3, 65537.")
-        return rsa.generate_private_key(public_exponent=exponent, key_size=size)
-    curve = "P-256" if crv is None else crv
-    if curve not in CURVES:
-        raise BadParameter(f"Invalid curve name: {curve!r}. Supported curves: {', '.join(CURVES)}.")
-    return ec.generate_private_key(CURVES[curve])
-
-
-def regenerate_key(template: KeyVersion) -> PrivateKey:
-    """A fresh private key of the same type and size or curve (and public exponent) as ``template``."""
-    key = template.private_key
-    if isinstance(key, bytes):  # oct-HSM
-        return generate_key(
-            template.kty, len(key) * 8, None, None, managed_hsm=True
-        )  # only a Managed HSM has them
-    if isinstance(key, rsa.RSAPrivateKey):
-        return generate_key(template.kty, key.key_size, key.public_key().public_numbers().e, None)
-    return generate_key(template.kty, None, None, template.jwk["crv"])
 
 
 def add_duration(stamp: int, duration: str, name: str, sign: int = 1) -> int:
@@ -337,7 +242,7 @@ def make_rotation_policy(
 
 def key_from_jwk(jwk: Dict[str, Any], hsm: bool, managed_hsm: bool = False) -> Tuple[str, PrivateKey]:
     """The stored key type and private key for an imported JWK."""
-    kty = _check_kty(jwk.get("kty"), managed_hsm)
+    kty = check_kty(jwk.get("kty"), managed_hsm)
     if jwk.get("key_hsm"):
         raise BadParameter("Bring-your-own-key import (key_hsm) is not supported.")
     family = KEY_TYPES[kty]
@@ -351,7 +256,7 @@ def key_from_jwk(jwk: Dict[str, Any], hsm: bool, managed_hsm: bool = False) -> T
     return (f"{family}-HSM" if hsm or kty.endswith("-HSM") else family), key
 
 
-class KeyStore:
+class KeyStore(WriteOrdering):
     """Keys, their versions and soft-deleted keys. Names compare case-insensitively."""
 
     def __init__(
@@ -375,18 +280,12 @@ class KeyStore:
         self.sku = sku
         self.clock = clock or Clock()
         self._aead = AESGCM(backup_secret or _PROCESS_BACKUP_SECRET)
-        self._lock = threading.RLock()
         self._keys: Dict[str, KeyRecord] = {}
         self._deleted: Dict[str, DeletedKey] = {}
         # Deletions and recoveries not complete yet: in neither collection until then.
         self._deleting: Dict[str, Pending] = {}
         self._recovering: Dict[str, Pending] = {}
-        self.journal: Optional[Journal] = None
-        # With a journal: changes numbered in order, those not yet written by key, and who waits for them.
-        self._seq = 0
-        self._writes: Dict[str, _KeyWrites] = {}
-        self._io = threading.Condition(threading.Lock())
-        self._held = _Held()
+        WriteOrdering.__init__(self)
 
     def load(self, keys: Iterable[KeyRecord], deleted: Iterable[DeletedKey], journal: Journal) -> None:
         """Replace every key with these, and record each change from now on in ``journal``."""
@@ -395,101 +294,15 @@ class KeyStore:
             self._deleted = {d.record.name.lower(): d for d in deleted}
             self.journal = journal
 
-    @contextmanager
-    def _locked(self, name: Optional[str] = None) -> Iterator[None]:
-        """The store's lock, for a block whose answer shows the key ``name`` only, or any key (no name:
-        the safe default, which only costs waiting). With a journal, leaving the outermost level
-        releases the lock, writes the changes this thread made (``_changed``, the clock's catch-up's
-        included), then waits until every change made before to what the block may show is written, so
-        no answer shows what is not on disk. No file is written with the lock held."""
-        held = self._held
-        self._lock.acquire()
-        held.depth += 1
-        try:
-            if self.journal is not None:
-                if name is None:
-                    held.everything = True
-                else:
-                    held.observed.add(name.lower())
-            yield
-        finally:
-            held.depth -= 1
-            if held.depth:
-                self._lock.release()
-            else:
-                staged, observed, everything, upto = held.staged, held.observed, held.everything, self._seq
-                busy = staged or observed or everything
-                if busy:
-                    held.staged, held.observed, held.everything = [], set(), False
-                self._lock.release()
-                if busy:
-                    self._settle(staged, None if everything else observed, upto)
-
-    def _changed(self, name: str) -> None:
-        """Stage the key's new state for the journal (inside ``_locked``). A deletion or recovery still
-        pending is recorded as done: only its visibility waits, so after a restart it is complete."""
-        if self.journal is None:
-            return
-        assert self._held.depth, "_changed() outside _locked()"
-        lower = name.lower()
+    def _journal_state(self, lower: str) -> Tuple[Optional[KeyRecord], Optional[DeletedKey]]:
+        """Snapshots of the key as the journal records it. A deletion or recovery still pending is
+        recorded as done: only its visibility waits, so after a restart it is complete."""
         deleting, recovering = self._deleting.get(lower), self._recovering.get(lower)
         record = recovering.deleted.record if recovering else self._keys.get(lower)
         deleted = deleting.deleted if deleting else self._deleted.get(lower)
         if deleted is not None:
             deleted = replace(deleted, record=_snapshot(deleted.record))
-        self._seq += 1
-        with self._io:
-            writes = self._writes.get(lower)
-            if writes is None:
-                writes = self._writes[lower] = _KeyWrites()
-            writes.pending.add(self._seq)
-        self._held.staged.append(
-            _Staged(lower, self._seq, writes, None if record is None else _snapshot(record), deleted)
-        )
-
-    def _settle(self, staged: List[_Staged], observed: Optional[Set[str]], upto: int) -> None:
-        """Write this thread's changes, then wait for the changes up to ``upto`` to the keys named in
-        ``observed`` (None: every key). The first failed write is raised, after every change is tried."""
-        failure: Optional[BaseException] = None
-        for change in staged:
-            try:
-                self._write(change)
-            except BaseException as exc:  # raised below, once the others are written
-                failure = failure or exc
-        if failure is not None:
-            raise failure
-
-        def written() -> bool:  # each change up to ``upto`` written, or held by a later one written
-            keys = self._writes.values() if observed is None else map(self._writes.get, observed)
-            return all(w is None or all(s > upto or s <= w.written for s in w.pending) for w in keys)
-
-        with self._io:
-            self._io.wait_for(written)
-
-    def _write(self, change: _Staged) -> None:
-        """Write one change, unless a later one of its key, which holds it, is written already: never an
-        older state over a newer one. A failure is raised for it and for the earlier changes it held."""
-        writes = change.writes
-        try:
-            with writes.lock:
-                if writes.attempted < change.seq:
-                    writes.attempted = change.seq
-                    assert self.journal is not None
-                    try:
-                        self.journal.key_changed(change.lower, change.record, change.deleted)
-                    except BaseException as exc:
-                        writes.error = exc
-                        raise
-                    writes.written = change.seq
-                elif writes.written < change.seq:
-                    assert writes.error is not None
-                    raise writes.error
-        finally:
-            with self._io:
-                writes.pending.discard(change.seq)
-                if not writes.pending:
-                    del self._writes[change.lower]
-                self._io.notify_all()
+        return (None if record is None else _snapshot(record)), deleted
 
     @property
     def recovery_level(self) -> str:
@@ -574,7 +387,7 @@ class KeyStore:
             created, exp = due, next_exp
         for due in dues:
             try:
-                private_key = regenerate_key(template)
+                private_key = regenerate_key(template.kty, template.private_key)
             except VaultError:  # a key the vault cannot make again (e.g. an imported odd exponent)
                 return
             self._add_rotated(record, template, private_key, due)
@@ -808,7 +621,7 @@ class KeyStore:
         the policy's expiryTime."""
         template = self.get(name)
         # Generating is slow, so it happens outside the lock, as for create.
-        private_key = regenerate_key(template)
+        private_key = regenerate_key(template.kty, template.private_key)
         with self._locked(name):
             now = self._catch_up()
             version = self._add_rotated(self._record(name), template, private_key, now)
