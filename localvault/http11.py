@@ -25,8 +25,10 @@ MAX_BODY = 256 * 1024
 MAX_DRAIN = 16 * 1024 * 1024
 IDLE_TIMEOUT = 120.0  # for a request's first byte
 REQUEST_TIMEOUT = 30.0  # for the TLS handshake; and for the rest of a request, headers and body, in all
+SEND_TIMEOUT = 30.0  # for all of one answer, however slowly the client reads it
 LINGER_TIMEOUT = 2.0  # to read and drop what a client still sends after an answer that ends its connection
-MAX_CONNECTIONS = 128  # per server; beyond it idle connections are closed, or else the new one
+MAX_CONNECTIONS = 128  # per server; beyond it the longest idle connection is closed, or else the new one
+BACKLOG = 128  # connections the kernel queues before the server accepts them
 TOO_LARGE = f"The request body is larger than {MAX_BODY} bytes."
 BAD_FRAMING = (
     "The request body needs one valid Content-Length; Transfer-Encoding (chunked or any other) "
@@ -38,8 +40,12 @@ _PROTOCOL_CODES = {
     405: "MethodNotAllowed",
     408: "RequestTimeout",
     413: "RequestEntityTooLarge",
-    505: "HttpVersionNotSupported",
 }
+HTTP_1_ONLY = "localvault speaks HTTP/1.0 and HTTP/1.1 only."
+BAD_HEADER = "A header line is malformed: each must be 'Name: value', with no space before the colon."
+# What a connection is doing, as admission sees it. Waiting (for its next request) and unfinished heads
+# (the TLS handshake included) are idle: the oldest of them makes room for a newcomer.
+WAITING, HEAD, BUSY = "waiting", "head", "busy"
 MAX_LOGGED = 1024  # characters of client-controlled text in one log line
 # Runs of characters a token or a percent-encoded one is made of: found in one linear pass, and a run
 # holding a JWT's start ("eyJ", base64url for '{"') is hidden whole, whatever separates its parts.
@@ -92,6 +98,11 @@ class RequestReader(socket.SocketIO):
     def next_request(self) -> None:
         self.deadline = None
 
+    def begin(self) -> None:
+        """A request has begun, its first bytes perhaps read already with an earlier one's."""
+        if self.deadline is None:
+            self.deadline = time.monotonic() + REQUEST_TIMEOUT
+
     def readinto(self, buffer: Any) -> Optional[int]:
         sock = self._sock  # type: ignore[attr-defined]
         if sock.gettimeout() == 0:  # a look ahead that must not block
@@ -110,6 +121,37 @@ class RequestReader(socket.SocketIO):
         return count
 
 
+class AnswerWriter(socket.SocketIO):
+    """A connection's writes, bounded in time: SEND_TIMEOUT for all of one answer, so a client that
+    reads slowly cannot hold a thread."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        super().__init__(sock, "wb")
+        sock._io_refs += 1  # type: ignore[attr-defined]
+        self.deadline: Optional[float] = None  # None until an answer's first write
+        self.timed_out = False
+
+    def next_answer(self) -> None:
+        self.deadline = None
+
+    def write(self, data: Any) -> Optional[int]:
+        sock = self._sock  # type: ignore[attr-defined]
+        if self.deadline is None:
+            self.deadline = time.monotonic() + SEND_TIMEOUT
+        remaining = self.deadline - time.monotonic()
+        if remaining <= 0:
+            self.timed_out = True
+            raise socket.timeout("the answer was not taken in time")
+        sock.settimeout(remaining)
+        try:
+            return super().write(data)
+        except socket.timeout:
+            self.timed_out = True
+            raise
+        finally:
+            sock.settimeout(IDLE_TIMEOUT)
+
+
 class Server(ThreadingHTTPServer):
     """Threading server that can be stopped with every connection closed and every thread joined."""
 
@@ -117,6 +159,7 @@ class Server(ThreadingHTTPServer):
     block_on_close = True
     allow_reuse_address = False
     hidden: Tuple[str, ...] = ()  # secrets that never reach the log, even when a client sends them
+    request_queue_size = BACKLOG
 
     def __init__(
         self,
@@ -130,9 +173,11 @@ class Server(ThreadingHTTPServer):
         self._connections: Set[socket.socket] = set()
         self._connections_lock = threading.Lock()
         self._closing = False
-        # Connections accepted and not waiting for their next request; and those that are waiting.
-        self._busy = 0
-        self._waiting: Set[socket.socket] = set()
+        # Connections admitted whose socket is not known yet; and the others, each with what it is doing
+        # and since when.
+        self._unplaced = 0
+        self._states: Dict[socket.socket, Tuple[str, float]] = {}
+        self._evicted: Set[socket.socket] = set()
         self._activity = threading.Condition()
         # Unbound, the server only serves connections handed to finish_request() by their owner.
         super().__init__(address, handler, bind_and_activate=bind)
@@ -155,13 +200,13 @@ class Server(ThreadingHTTPServer):
 
     def process_request(self, request: Any, client_address: Any) -> None:
         if not self._admit():
-            log.debug("connection from %s closed: %d connections are busy", client_address, self._busy)
+            log.debug("connection from %s closed: %d connections are busy", client_address, self.busy())
             self.shutdown_request(request)
             return
         try:
             super().process_request(request, client_address)
         except BaseException:
-            self._set_busy(-1)
+            self.forget(None)
             raise
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
@@ -170,52 +215,71 @@ class Server(ThreadingHTTPServer):
         except Exception:
             self.handle_error(request, client_address)
         finally:
-            self._set_busy(-1)
             self.shutdown_request(request)
 
     def finish_request(self, request: Any, client_address: Any) -> None:
         """Serve a connection accepted elsewhere to its end, in this thread, admitted as if accepted here."""
         if not self._admit():
-            log.debug("connection from %s closed: %d connections are busy", client_address, self._busy)
+            log.debug("connection from %s closed: %d connections are busy", client_address, self.busy())
             return
-        try:
-            self.serve_connection(request, client_address)
-        finally:
-            self._set_busy(-1)
+        self.serve_connection(request, client_address)
+
+    def busy(self) -> int:
+        with self._activity:
+            return self._unplaced + sum(state == BUSY for state, _ in self._states.values())
 
     def _admit(self) -> bool:
-        """Count one more busy connection if there is room, made if need be by closing one that waits for
-        its next request. Check and count happen under one lock, whichever thread admits."""
+        """Count one more connection if there is room, made if need be by closing the one idle longest:
+        waiting for its next request, or still sending its head. Check and count share one lock."""
         with self._activity:
-            if self._busy + len(self._waiting) >= self.max_connections:
-                if not self._waiting:
+            if self._unplaced + len(self._states) >= self.max_connections:
+                idle = [(since, sock) for sock, (state, since) in self._states.items() if state != BUSY]
+                if not idle:
                     return False
-                idle = self._waiting.pop()  # no longer counted; its thread ends on the shutdown
+                victim = min(idle, key=lambda item: item[0])[1]
+                del self._states[victim]  # no longer counted; its thread ends on the shutdown
+                self._evicted.add(victim)
                 with contextlib.suppress(OSError):
-                    socket.socket.shutdown(idle, socket.SHUT_RDWR)  # the socket's own, below any TLS layer
-            self._busy += 1
+                    socket.socket.shutdown(victim, socket.SHUT_RDWR)  # the socket's own, below any TLS
+            self._unplaced += 1
             self._activity.notify_all()
             return True
 
-    def _set_busy(self, delta: int, waiting: Optional[socket.socket] = None) -> None:
+    def place(self, sock: socket.socket) -> None:
+        """The admitted connection's socket, whose head (TLS handshake first, if any) is to come."""
         with self._activity:
-            self._busy += delta
-            if waiting is not None:
-                (self._waiting.add if delta < 0 else self._waiting.discard)(waiting)
+            self._unplaced -= 1
+            self._states[sock] = (HEAD, time.monotonic())
+            self._activity.notify_all()
+
+    def forget(self, sock: Optional[socket.socket]) -> None:
+        """The connection has ended (None: before its socket was placed)."""
+        with self._activity:
+            if sock is None:
+                self._unplaced -= 1
+            else:
+                self._states.pop(sock, None)
+                self._evicted.discard(sock)
+            self._activity.notify_all()
+
+    def set_state(self, sock: socket.socket, state: str) -> None:
+        with self._activity:
+            if sock not in self._evicted:
+                self._states[sock] = (state, time.monotonic())
             self._activity.notify_all()
 
     def wait_for_request(self, sock: socket.socket) -> None:
-        self._set_busy(-1, sock)
+        self.set_state(sock, WAITING)
 
     def request_arrived(self, sock: socket.socket) -> None:
-        self._set_busy(+1, sock)
+        self.set_state(sock, BUSY)
 
     def is_idle(self) -> bool:
         """No request being read or handled, none waiting to be accepted, no unread bytes anywhere."""
         with self._activity:
-            if self._busy:
+            if self._unplaced or any(state != WAITING for state, _ in self._states.values()):
                 return False
-            waiting = list(self._waiting)
+            waiting = list(self._states)
         with contextlib.suppress(OSError, ValueError):
             if any(isinstance(s, ssl.SSLSocket) and s.pending() for s in waiting):
                 return False
@@ -235,13 +299,14 @@ class Server(ThreadingHTTPServer):
 
     def serve_connection(self, request: Any, client_address: Any) -> None:
         """Serve one admitted connection until it ends."""
-        request.settimeout(IDLE_TIMEOUT)
-        if not self.track(request, True):
-            return
+        self.place(request)
         try:
-            self.RequestHandlerClass(request, client_address, self)
+            request.settimeout(IDLE_TIMEOUT)
+            if self.track(request, True):
+                self.RequestHandlerClass(request, client_address, self)
         finally:
             self.track(request, False)
+            self.forget(request)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         log.debug("connection from %s ended with an error", client_address, exc_info=True)
@@ -266,7 +331,12 @@ class TLSServer(Server):
             request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         request.settimeout(REQUEST_TIMEOUT)  # for the whole handshake: ssl counts it from its start
         # Wrap first and shake hands after, so stop() can shut down a connection stuck in the handshake.
-        tls = self.context.wrap_socket(request, server_side=True, do_handshake_on_connect=False)
+        try:
+            tls = self.context.wrap_socket(request, server_side=True, do_handshake_on_connect=False)
+        except BaseException:
+            self.forget(None)
+            raise
+        self.place(tls)
         try:
             if not self.track(tls, True):
                 return
@@ -277,6 +347,7 @@ class TLSServer(Server):
             log.debug("connection from %s failed", client_address, exc_info=True)
         finally:
             self.track(tls, False)
+            self.forget(tls)
             tls.close()
 
 
@@ -295,7 +366,8 @@ class Handler(BaseHTTPRequestHandler):
         self.connection = self.request
         self._reader = RequestReader(self.connection)
         self.rfile = io.BufferedReader(self._reader)
-        self.wfile = self.connection.makefile("wb", self.wbufsize)
+        self._writer = AnswerWriter(self.connection)
+        self.wfile = io.BufferedWriter(self._writer, self.wbufsize)
 
     def finish(self) -> None:
         super().finish()
@@ -323,15 +395,18 @@ class Handler(BaseHTTPRequestHandler):
         self.command = self.requestline = ""
         self.request_version = self.default_request_version
         self._reader.next_request()
-        waiting = not self._request_started()
-        if waiting:
-            self.server.wait_for_request(self.connection)
+        self._writer.next_answer()
+        connection = self.connection
         try:
-            if waiting:
+            if self._request_started():
+                self._reader.begin()  # its bytes came with the last request's: its deadline runs now
+                self.server.set_state(connection, HEAD)
+            else:
+                self.server.wait_for_request(connection)
                 try:
                     self.rfile.peek(1)  # the idle wait, until a request's first byte or the end
                 finally:
-                    self.server.request_arrived(self.connection)
+                    self.server.set_state(connection, HEAD)
             self.raw_requestline = self.rfile.readline(65537)
             if len(self.raw_requestline) > 65536:
                 self.send_error(414, "The request line is too long.")
@@ -340,6 +415,10 @@ class Handler(BaseHTTPRequestHandler):
                 self.close_connection = True
                 return
             if not self.parse_request():
+                return
+            self.server.request_arrived(connection)  # a whole head: no longer idle
+            if self._malformed_headers():
+                self.send_error(400, BAD_HEADER)
                 return
             if self._content_length() is None:
                 self.send_error(400, BAD_FRAMING)
@@ -351,13 +430,21 @@ class Handler(BaseHTTPRequestHandler):
         except CLIENT_GONE:  # the client went away mid-request
             self.close_connection = True
 
+    def _malformed_headers(self) -> bool:
+        """A line that is no 'Name: value' (which ends the stdlib's headers early, the rest taken for a
+        body), a header without a name, or a value folded over lines."""
+        headers = self.headers
+        return bool(headers.defects or headers.get_payload()) or any(
+            "\n" in value or "\r" in value for value in headers.values()
+        )
+
     def do_other(self) -> None:
         """A method no route serves."""
         raise NotImplementedError
 
     def _timed_out(self) -> None:
         self.close_connection = True
-        if self._reader.deadline is not None:  # a request had begun: say why it ends
+        if self._reader.deadline is not None and not self._writer.timed_out:  # say why it ends
             with contextlib.suppress(OSError):
                 self.send_error(408, "The request was not received in time.")
                 self.wfile.flush()
@@ -410,6 +497,8 @@ class Handler(BaseHTTPRequestHandler):
     def send_error(self, code: int, message: Optional[str] = None, explain: Optional[str] = None) -> None:
         """Malformed HTTP, answered in the endpoint's error format instead of the stdlib's HTML page."""
         self.close_connection = self._linger = True
+        if code == 505:  # HTTP/2.0, PRI * HTTP/2.0, HTTP/9.9: a malformed request here, not a server fault
+            code, message = 400, HTTP_1_ONLY
         error = ProtocolError(code, message or "Bad request")
         self.send_json(code, self.error_body(error), {"Connection": "close"})
 
