@@ -73,6 +73,9 @@ class WriteOrdering:
     def _journal_state(self, lower: str) -> Tuple[Optional[KeyRecord], Optional[DeletedKey]]:
         raise NotImplementedError
 
+    def _before_lock(self, name: Optional[str]) -> None:
+        """Called by ``_locked`` before it takes the lock at the outermost level: slow work goes here."""
+
     @contextmanager
     def _locked(self, name: Optional[str] = None) -> Iterator[None]:
         """The store's lock, for a block whose answer shows the key ``name`` only, or any key (no name:
@@ -81,6 +84,8 @@ class WriteOrdering:
         included), then waits until every change made before to what the block may show is written, so
         no answer shows what is not on disk. No file is written with the lock held."""
         held = self._held
+        if not held.depth:
+            self._before_lock(name)
         self._lock.acquire()
         held.depth += 1
         try:

@@ -3,9 +3,13 @@ one is attached (``localvault.persist``)."""
 
 from __future__ import annotations
 
+import bisect
+import contextlib
 import functools
+import heapq
 import json
 import os
+import threading
 import uuid
 from collections import deque
 from dataclasses import asdict, dataclass, field, replace
@@ -55,7 +59,6 @@ MIN_TRIGGER_DAYS = 7  # service docs: rotation at least 7 days after creation an
 MAX_DURATION_CHARS = 64
 # A clock moved far ahead makes at most this many versions of one key at once: the latest due ones.
 MAX_CATCH_UP_ROTATIONS = 32
-_MAX_DUE_STEPS = 100_000
 _parse_duration = functools.lru_cache(maxsize=256)(isodate.parse_duration)
 SKUS = ("standard", "premium")
 # How the vault names itself in error messages, as "<vault name>;location=<region>".
@@ -138,6 +141,40 @@ class Pending:
 
     done: float
     deleted: DeletedKey
+
+
+class SortedIndex(Dict[str, Any]):
+    """A dict that also keeps its keys sorted, so a page of them costs the length of the page."""
+
+    def __init__(self, items: Iterable[Tuple[str, Any]] = ()) -> None:
+        super().__init__(items)
+        self._sorted = sorted(super().keys())
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        if key not in self:
+            bisect.insort(self._sorted, key)
+        super().__setitem__(key, value)
+
+    def __delitem__(self, key: str) -> None:
+        super().__delitem__(key)
+        del self._sorted[bisect.bisect_left(self._sorted, key)]
+
+    def pop(self, key: str, *default: Any) -> Any:
+        if key in self:
+            value = self[key]
+            del self[key]
+            return value
+        return super().pop(key, *default)
+
+    def clear(self) -> None:
+        super().clear()
+        self._sorted.clear()
+
+    def after(self, after: str, limit: int) -> Tuple[List[str], Optional[str]]:
+        """Up to ``limit`` keys sorting after ``after``, in order; and the marker for the next page."""
+        start = bisect.bisect_right(self._sorted, after)
+        page = self._sorted[start : start + limit]
+        return page, (page[-1] if start + limit < len(self._sorted) and page else None)
 
 
 def check_delay(seconds: float) -> float:
@@ -280,8 +317,16 @@ class KeyStore(WriteOrdering):
         self.sku = sku
         self.clock = clock or Clock()
         self._aead = AESGCM(backup_secret or _PROCESS_BACKUP_SECRET)
-        self._keys: Dict[str, KeyRecord] = {}
-        self._deleted: Dict[str, DeletedKey] = {}
+        self._keys: SortedIndex = SortedIndex()
+        self._deleted: SortedIndex = SortedIndex()
+        # When each key's Rotate action is next due and each deleted key's purge date, in heaps whose
+        # entries are checked when they come up; a key's entry is renewed by every change to it.
+        self._due: Dict[str, int] = {}
+        self._due_heap: List[Tuple[int, str]] = []
+        self._purge_heap: List[Tuple[int, str]] = []
+        # Keys whose due versions a thread is generating, outside the lock; set when committed.
+        self._rotating: Dict[str, threading.Event] = {}
+        self._catching = threading.local()
         # Deletions and recoveries not complete yet: in neither collection until then.
         self._deleting: Dict[str, Pending] = {}
         self._recovering: Dict[str, Pending] = {}
@@ -290,9 +335,34 @@ class KeyStore(WriteOrdering):
     def load(self, keys: Iterable[KeyRecord], deleted: Iterable[DeletedKey], journal: Journal) -> None:
         """Replace every key with these, and record each change from now on in ``journal``."""
         with self._locked():
-            self._keys = {record.name.lower(): record for record in keys}
-            self._deleted = {d.record.name.lower(): d for d in deleted}
+            self._keys = SortedIndex((record.name.lower(), record) for record in keys)
+            self._deleted = SortedIndex((d.record.name.lower(), d) for d in deleted)
+            self._due.clear()
+            self._due_heap.clear()
+            self._purge_heap.clear()
+            for lower in (*self._keys, *self._deleted):
+                self._schedule(lower)
             self.journal = journal
+
+    def _changed(self, name: str) -> None:
+        self._schedule(name.lower())
+        super()._changed(name)
+
+    def _schedule(self, lower: str) -> None:
+        """Renew the key's due rotation and purge date after a change to it (lock held)."""
+        record, deleted = self._keys.get(lower), self._deleted.get(lower)
+        due = None
+        if record is not None and record.policy is not None and lower not in self._rotating:
+            latest = record.current()
+            with contextlib.suppress(VaultError):  # a date past the calendar's end: never due
+                due = self._rotation_due(record.policy, latest.created, latest.exp)
+        if due is None:
+            self._due.pop(lower, None)
+        elif self._due.get(lower) != due:
+            self._due[lower] = due
+            heapq.heappush(self._due_heap, (due, lower))
+        if deleted is not None:
+            heapq.heappush(self._purge_heap, (deleted.scheduled_purge_date, lower))
 
     def _journal_state(self, lower: str) -> Tuple[Optional[KeyRecord], Optional[DeletedKey]]:
         """Snapshots of the key as the journal records it. A deletion or recovery still pending is
@@ -326,6 +396,9 @@ class KeyStore(WriteOrdering):
             self._deleted.clear()
             self._deleting.clear()
             self._recovering.clear()
+            self._due.clear()
+            self._due_heap.clear()
+            self._purge_heap.clear()
             for lower in names if self.journal is not None else ():
                 self._changed(lower)
             self.clock.reset()
@@ -333,28 +406,103 @@ class KeyStore(WriteOrdering):
     # -- the clock ------------------------------------------------------------------------------
 
     def _catch_up(self) -> int:
-        """Bring the store up to the clock and return the time (lock held): due Rotate actions have made
-        their versions, as of their due times, and deleted keys past their scheduled purge date are gone.
-        Every read and write calls this first, so a moved clock takes effect when the vault is next asked."""
+        """Bring the store up to the clock and return the time (lock held): pending deletions and
+        recoveries are done, and deleted keys past their scheduled purge date are gone. Due Rotate
+        actions are made before the lock is taken (``_before_lock``). Its cost does not grow with the
+        number of keys: due times come from heaps."""
         exact = self.clock.now()
         now = int(exact)
         for pending, target in ((self._deleting, self._deleted), (self._recovering, None)):
-            for lower in [n for n, p in pending.items() if p.done <= exact]:
+            for lower in [n for n, p in pending.items() if p.done <= exact] if pending else ():
                 done = pending.pop(lower).deleted
                 if target is None:
                     self._keys[lower] = done.record
                 else:
                     target[lower] = done
-        for record in self._keys.values():
-            if record.policy is not None and record.policy.rotate_action() is not None:
-                latest = record.latest
-                self._rotate_due(record, record.policy, now)
-                if record.latest != latest:
-                    self._changed(record.name)
-        for lower in [n for n, d in self._deleted.items() if d.scheduled_purge_date <= now]:
-            del self._deleted[lower]
-            self._changed(lower)
+                self._schedule(lower)
+        heap = self._purge_heap
+        while heap and heap[0][0] <= now:
+            date, lower = heapq.heappop(heap)
+            deleted = self._deleted.get(lower)
+            if deleted is not None and deleted.scheduled_purge_date == date:
+                del self._deleted[lower]
+                self._changed(lower)
         return now
+
+    def _claim_due(self, now: int) -> List[Tuple[KeyRecord, KeyVersion, RotationPolicy, List[int]]]:
+        """Take the keys whose rotation is due, with the times of their due versions (lock held)."""
+        claimed = []
+        heap = self._due_heap
+        while heap and heap[0][0] <= now:
+            due, lower = heapq.heappop(heap)
+            record = self._keys.get(lower)
+            if self._due.get(lower) != due or record is None or record.policy is None:
+                continue
+            del self._due[lower]
+            template = record.current()
+            dues = self._due_times(record.policy, template, now)
+            if dues:
+                self._rotating[lower] = threading.Event()
+                claimed.append((record, template, record.policy, dues))
+            else:
+                self._schedule(lower)
+        return claimed
+
+    def _before_lock(self, name: Optional[str]) -> None:
+        """Make the versions of due Rotate actions: claimed under the lock, generated outside it (so a
+        slow RSA key stalls no one), committed under it if the key is still as it was. A request about
+        a key waits for its versions that another request is generating."""
+        if getattr(self._catching, "busy", False):
+            return
+        self._catching.busy = True
+        try:
+            with self._lock:
+                claimed = self._claim_due(int(self.clock.now()))
+                waiting = None if name is None else self._rotating.get(name.lower())
+            for record, template, policy, dues in claimed:
+                lower = record.name.lower()
+                try:
+                    keys = [regenerate_key(template.kty, template.private_key) for _ in dues]
+                except VaultError:  # a key the vault cannot make again (e.g. an imported odd exponent)
+                    keys = []
+                with self._lock:
+                    done = self._rotating.pop(lower)
+                try:
+                    with self._locked(record.name):
+                        unchanged = self._keys.get(lower) is record and record.policy is policy
+                        if keys and unchanged and record.latest == template.version:
+                            for due, private_key in zip(dues, keys):
+                                self._add_rotated(record, template, private_key, due)
+                        self._changed(record.name)  # also renews its due time
+                finally:
+                    done.set()
+            if waiting is not None:
+                waiting.wait()
+        finally:
+            self._catching.busy = False
+
+    def _due_times(self, policy: RotationPolicy, template: KeyVersion, now: int) -> List[int]:
+        """When the versions due by ``now`` are created: the latest MAX_CATCH_UP_ROTATIONS of them. A
+        long run is skipped in whole steps (exact for durations in days; months vary a little)."""
+        dues: Deque[int] = deque(maxlen=MAX_CATCH_UP_ROTATIONS)
+        created, exp = template.created, template.exp
+        steps = 0
+        while True:
+            try:
+                due = self._rotation_due(policy, created, exp)
+                if due is None or due > now:
+                    break
+                dues.append(due)
+                step, created, exp = due - created, due, self._rotated_exp(policy, due)
+                steps += 1
+                skip = (now - created) // step - 2 * MAX_CATCH_UP_ROTATIONS
+                if steps >= 2 * MAX_CATCH_UP_ROTATIONS and skip > 0:
+                    steps = 0
+                    created += skip * step
+                    exp = self._rotated_exp(policy, created)
+            except VaultError:  # a date past the calendar's end: never due
+                break
+        return list(dues)
 
     @staticmethod
     def _rotation_due(policy: RotationPolicy, created: int, exp: Optional[int]) -> Optional[int]:
@@ -370,27 +518,6 @@ class KeyStore(WriteOrdering):
             due = add_duration(exp, action.duration, action.trigger, sign=-1)
         # a policy set late acts from when it was set, never on a version before its creation
         return max(due, created + 1, policy.updated or 0)
-
-    def _rotate_due(self, record: KeyRecord, policy: RotationPolicy, now: int) -> None:
-        template = record.current()
-        dues: Deque[int] = deque(maxlen=MAX_CATCH_UP_ROTATIONS)
-        created, exp = template.created, template.exp
-        for _ in range(_MAX_DUE_STEPS):
-            try:
-                due = self._rotation_due(policy, created, exp)
-                next_exp = None if due is None else self._rotated_exp(policy, due)
-            except VaultError:  # a date past the calendar's end: never due
-                break
-            if due is None or due > now:
-                break
-            dues.append(due)
-            created, exp = due, next_exp
-        for due in dues:
-            try:
-                private_key = regenerate_key(template.kty, template.private_key)
-            except VaultError:  # a key the vault cannot make again (e.g. an imported odd exponent)
-                return
-            self._add_rotated(record, template, private_key, due)
 
     @staticmethod
     def _rotated_exp(policy: Optional[RotationPolicy], created: int) -> Optional[int]:
@@ -466,9 +593,8 @@ class KeyStore(WriteOrdering):
         """Latest versions of keys whose lower-case name sorts after ``after``; and the next marker."""
         with self._locked():
             self._catch_up()
-            names = sorted(n for n in self._keys if n > after)
-            page = [self._keys[n].current() for n in names[:limit]]
-        return page, (names[limit - 1] if len(names) > limit else None)
+            names, marker = self._keys.after(after, limit)
+            return [self._keys[n].current() for n in names], marker
 
     def list_versions(self, name: str, after: str, limit: int) -> Tuple[List[KeyVersion], Optional[str]]:
         with self._locked(name):
@@ -481,9 +607,8 @@ class KeyStore(WriteOrdering):
     def list_deleted(self, after: str, limit: int) -> Tuple[List[DeletedKey], Optional[str]]:
         with self._locked():
             self._catch_up()
-            names = sorted(n for n in self._deleted if n > after)
-            page = [self._deleted[n] for n in names[:limit]]
-        return page, (names[limit - 1] if len(names) > limit else None)
+            names, marker = self._deleted.after(after, limit)
+            return [self._deleted[n] for n in names], marker
 
     def get_deleted(self, name: str) -> DeletedKey:
         with self._locked(name):
@@ -619,12 +744,21 @@ class KeyStore(WriteOrdering):
     def rotate(self, name: str) -> KeyVersion:
         """A new version now, like the latest in type, size or curve, key_ops and tags; its exp follows
         the policy's expiryTime."""
-        template = self.get(name)
-        # Generating is slow, so it happens outside the lock, as for create.
+        with self._locked(name):
+            self._catch_up()
+            record = self._record(name)
+            template = record.current()
+        # Generating is slow, so it happens outside the lock, as for create; the key must still be the
+        # one it started on: 404 if it is gone, 409 if the name is now another key's.
         private_key = regenerate_key(template.kty, template.private_key)
         with self._locked(name):
             now = self._catch_up()
-            version = self._add_rotated(self._record(name), template, private_key, now)
+            if self._record(name) is not record:
+                raise Conflict(
+                    f"Key {record.name} was deleted and created again while it was being rotated; "
+                    "rotate it again."
+                )
+            version = self._add_rotated(record, template, private_key, now)
             self._changed(name)
             return version
 
