@@ -57,6 +57,7 @@ def test_an_unbound_vault_server_serves_a_connection_handed_to_it(localvault: Lo
         client.close()
         serving.join(30)
         assert not serving.is_alive()
+        assert unbound.is_idle()  # it listens nowhere: only its connections count
     finally:
         unbound.server_close()
 
