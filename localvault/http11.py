@@ -116,8 +116,8 @@ class RequestReader(socket.SocketIO):
                 count = super().readinto(buffer)
             finally:
                 sock.settimeout(IDLE_TIMEOUT)
-        if count and self.deadline is None:
-            self.deadline = time.monotonic() + REQUEST_TIMEOUT
+        if count:
+            self.begin()
         return count
 
 
@@ -169,13 +169,12 @@ class Server(ThreadingHTTPServer):
         bind: bool = True,
     ) -> None:
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        self.bound = bind
         self.max_connections = max_connections
         self._connections: Set[socket.socket] = set()
         self._connections_lock = threading.Lock()
         self._closing = False
-        # Connections admitted whose socket is not known yet; and the others, each with what it is doing
-        # and since when.
-        self._unplaced = 0
+        # Connections admitted, each with what it is doing and since when; and those closed to make room.
         self._states: Dict[socket.socket, Tuple[str, float]] = {}
         self._evicted: Set[socket.socket] = set()
         self._activity = threading.Condition()
@@ -199,14 +198,14 @@ class Server(ThreadingHTTPServer):
                 sock.shutdown(socket.SHUT_RDWR)
 
     def process_request(self, request: Any, client_address: Any) -> None:
-        if not self._admit():
+        if not self._admit(request):
             log.debug("connection from %s closed: %d connections are busy", client_address, self.busy())
             self.shutdown_request(request)
             return
         try:
             super().process_request(request, client_address)
         except BaseException:
-            self.forget(None)
+            self.forget(request)
             raise
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
@@ -219,20 +218,20 @@ class Server(ThreadingHTTPServer):
 
     def finish_request(self, request: Any, client_address: Any) -> None:
         """Serve a connection accepted elsewhere to its end, in this thread, admitted as if accepted here."""
-        if not self._admit():
+        if not self._admit(request):
             log.debug("connection from %s closed: %d connections are busy", client_address, self.busy())
             return
         self.serve_connection(request, client_address)
 
     def busy(self) -> int:
         with self._activity:
-            return self._unplaced + sum(state == BUSY for state, _ in self._states.values())
+            return sum(state == BUSY for state, _ in self._states.values())
 
-    def _admit(self) -> bool:
+    def _admit(self, sock: socket.socket) -> bool:
         """Count one more connection if there is room, made if need be by closing the one idle longest:
         waiting for its next request, or still sending its head. Check and count share one lock."""
         with self._activity:
-            if self._unplaced + len(self._states) >= self.max_connections:
+            if len(self._states) >= self.max_connections:
                 idle = [(since, sock) for sock, (state, since) in self._states.items() if state != BUSY]
                 if not idle:
                     return False
@@ -241,25 +240,26 @@ class Server(ThreadingHTTPServer):
                 self._evicted.add(victim)
                 with contextlib.suppress(OSError):
                     socket.socket.shutdown(victim, socket.SHUT_RDWR)  # the socket's own, below any TLS
-            self._unplaced += 1
+            self._states[sock] = (HEAD, time.monotonic())  # its head (a TLS handshake first) is to come
             self._activity.notify_all()
             return True
 
-    def place(self, sock: socket.socket) -> None:
-        """The admitted connection's socket, whose head (TLS handshake first, if any) is to come."""
+    def rekey(self, sock: socket.socket, wrapper: socket.socket) -> None:
+        """The connection now reads and writes through ``wrapper`` (TLS), which takes over its state."""
         with self._activity:
-            self._unplaced -= 1
-            self._states[sock] = (HEAD, time.monotonic())
-            self._activity.notify_all()
-
-    def forget(self, sock: Optional[socket.socket]) -> None:
-        """The connection has ended (None: before its socket was placed)."""
-        with self._activity:
-            if sock is None:
-                self._unplaced -= 1
-            else:
-                self._states.pop(sock, None)
+            if sock in self._evicted:
                 self._evicted.discard(sock)
+                self._evicted.add(wrapper)
+                with contextlib.suppress(OSError):
+                    socket.socket.shutdown(wrapper, socket.SHUT_RDWR)
+            else:
+                self._states[wrapper] = self._states.pop(sock)
+
+    def forget(self, sock: socket.socket) -> None:
+        """The connection has ended."""
+        with self._activity:
+            self._states.pop(sock, None)
+            self._evicted.discard(sock)
             self._activity.notify_all()
 
     def set_state(self, sock: socket.socket, state: str) -> None:
@@ -277,13 +277,14 @@ class Server(ThreadingHTTPServer):
     def is_idle(self) -> bool:
         """No request being read or handled, none waiting to be accepted, no unread bytes anywhere."""
         with self._activity:
-            if self._unplaced or any(state != WAITING for state, _ in self._states.values()):
+            if any(state != WAITING for state, _ in self._states.values()):
                 return False
             waiting = list(self._states)
         with contextlib.suppress(OSError, ValueError):
             if any(isinstance(s, ssl.SSLSocket) and s.pending() for s in waiting):
                 return False
-            readable, _, _ = select.select([self.socket, *waiting], [], [], 0)
+            listening = [self.socket] if self.bound else []  # an unbound socket always reads as ready
+            readable, _, _ = select.select([*listening, *waiting], [], [], 0)
             return not readable
         return False
 
@@ -299,7 +300,6 @@ class Server(ThreadingHTTPServer):
 
     def serve_connection(self, request: Any, client_address: Any) -> None:
         """Serve one admitted connection until it ends."""
-        self.place(request)
         try:
             request.settimeout(IDLE_TIMEOUT)
             if self.track(request, True):
@@ -334,9 +334,9 @@ class TLSServer(Server):
         try:
             tls = self.context.wrap_socket(request, server_side=True, do_handshake_on_connect=False)
         except BaseException:
-            self.forget(None)
+            self.forget(request)
             raise
-        self.place(tls)
+        self.rekey(request, tls)
         try:
             if not self.track(tls, True):
                 return
