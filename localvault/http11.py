@@ -14,7 +14,7 @@ import ssl
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Dict, Optional, Set, Tuple
+from typing import Any, Dict, Iterable, Match, Optional, Set, Tuple
 from urllib.parse import SplitResult, urlsplit
 
 from .exceptions import BadParameter, PayloadTooLarge, VaultError
@@ -25,8 +25,10 @@ MAX_BODY = 256 * 1024
 MAX_DRAIN = 16 * 1024 * 1024
 IDLE_TIMEOUT = 120.0  # for a request's first byte
 REQUEST_TIMEOUT = 30.0  # for the TLS handshake; and for the rest of a request, headers and body, in all
+SEND_TIMEOUT = 30.0  # for all of one answer, however slowly the client reads it
 LINGER_TIMEOUT = 2.0  # to read and drop what a client still sends after an answer that ends its connection
-MAX_CONNECTIONS = 128  # per server; beyond it idle connections are closed, or else the new one
+MAX_CONNECTIONS = 128  # per server; beyond it the longest idle connection is closed, or else the new one
+BACKLOG = 128  # connections the kernel queues before the server accepts them
 TOO_LARGE = f"The request body is larger than {MAX_BODY} bytes."
 BAD_FRAMING = (
     "The request body needs one valid Content-Length; Transfer-Encoding (chunked or any other) "
@@ -38,9 +40,17 @@ _PROTOCOL_CODES = {
     405: "MethodNotAllowed",
     408: "RequestTimeout",
     413: "RequestEntityTooLarge",
-    505: "HttpVersionNotSupported",
 }
-_TOKEN_LIKE = re.compile(r"eyJ[\w-]*\.[\w-]*\.[\w-]*")
+HTTP_1_ONLY = "localvault speaks HTTP/1.0 and HTTP/1.1 only."
+BAD_HEADER = "A header line is malformed: each must be 'Name: value', with no space before the colon."
+# What a connection is doing, as admission sees it. Waiting (for its next request) and unfinished heads
+# (the TLS handshake included) are idle: the oldest of them makes room for a newcomer.
+WAITING, HEAD, BUSY = "waiting", "head", "busy"
+MAX_LOGGED = 1024  # characters of client-controlled text in one log line
+# Runs of characters a token or a percent-encoded one is made of: found in one linear pass, and a run
+# holding a JWT's start ("eyJ", base64url for '{"') is hidden whole, whatever separates its parts.
+_WORDS = re.compile(r"[\w.%~+/-]+")
+_SECRET_VALUE = re.compile(r"(?i)(secret=)[^&\s]*")
 
 
 class ProtocolError(VaultError):
@@ -59,9 +69,21 @@ def split_target(target: str) -> SplitResult:
         raise BadParameter("The request target is not a valid URL.") from None
 
 
-def printable(text: str) -> str:
-    """Client-controlled text for the log: control characters escaped, anything like a token hidden."""
-    return _TOKEN_LIKE.sub("<token>", text.translate(BaseHTTPRequestHandler._control_char_table))
+def printable(text: str, hidden: Iterable[str] = ()) -> str:
+    """Client-controlled text for the log, in time linear in its length: each of ``hidden``, any
+    ``secret=`` value and anything like a token hidden, cut to MAX_LOGGED, control characters escaped."""
+    for secret in hidden:
+        if secret:
+            text = text.replace(secret, "<secret>")
+    if len(text) > MAX_LOGGED:
+        text = f"{text[:MAX_LOGGED]}...({len(text) - MAX_LOGGED} more)"
+    text = _SECRET_VALUE.sub(r"\1<secret>", text)
+    text = _WORDS.sub(_hide_token, text)
+    return text.translate(BaseHTTPRequestHandler._control_char_table)
+
+
+def _hide_token(match: Match[str]) -> str:
+    return "<token>" if "eyJ" in match[0] else match[0]
 
 
 class RequestReader(socket.SocketIO):
@@ -75,6 +97,11 @@ class RequestReader(socket.SocketIO):
 
     def next_request(self) -> None:
         self.deadline = None
+
+    def begin(self) -> None:
+        """A request has begun, its first bytes perhaps read already with an earlier one's."""
+        if self.deadline is None:
+            self.deadline = time.monotonic() + REQUEST_TIMEOUT
 
     def readinto(self, buffer: Any) -> Optional[int]:
         sock = self._sock  # type: ignore[attr-defined]
@@ -94,12 +121,45 @@ class RequestReader(socket.SocketIO):
         return count
 
 
+class AnswerWriter(socket.SocketIO):
+    """A connection's writes, bounded in time: SEND_TIMEOUT for all of one answer, so a client that
+    reads slowly cannot hold a thread."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        super().__init__(sock, "wb")
+        sock._io_refs += 1  # type: ignore[attr-defined]
+        self.deadline: Optional[float] = None  # None until an answer's first write
+        self.timed_out = False
+
+    def next_answer(self) -> None:
+        self.deadline = None
+
+    def write(self, data: Any) -> Optional[int]:
+        sock = self._sock  # type: ignore[attr-defined]
+        if self.deadline is None:
+            self.deadline = time.monotonic() + SEND_TIMEOUT
+        remaining = self.deadline - time.monotonic()
+        if remaining <= 0:
+            self.timed_out = True
+            raise socket.timeout("the answer was not taken in time")
+        sock.settimeout(remaining)
+        try:
+            return super().write(data)
+        except socket.timeout:
+            self.timed_out = True
+            raise
+        finally:
+            sock.settimeout(IDLE_TIMEOUT)
+
+
 class Server(ThreadingHTTPServer):
     """Threading server that can be stopped with every connection closed and every thread joined."""
 
     daemon_threads = False
     block_on_close = True
     allow_reuse_address = False
+    hidden: Tuple[str, ...] = ()  # secrets that never reach the log, even when a client sends them
+    request_queue_size = BACKLOG
 
     def __init__(
         self,
@@ -113,9 +173,9 @@ class Server(ThreadingHTTPServer):
         self._connections: Set[socket.socket] = set()
         self._connections_lock = threading.Lock()
         self._closing = False
-        # Connections accepted and not waiting for their next request; and those that are waiting.
-        self._busy = 0
-        self._waiting: Set[socket.socket] = set()
+        # Connections admitted, each with what it is doing and since when; and those closed to make room.
+        self._states: Dict[socket.socket, Tuple[str, float]] = {}
+        self._evicted: Set[socket.socket] = set()
         self._activity = threading.Condition()
         # Unbound, the server only serves connections handed to finish_request() by their owner.
         super().__init__(address, handler, bind_and_activate=bind)
@@ -137,14 +197,14 @@ class Server(ThreadingHTTPServer):
                 sock.shutdown(socket.SHUT_RDWR)
 
     def process_request(self, request: Any, client_address: Any) -> None:
-        if not self._admit():
-            log.debug("connection from %s closed: %d connections are busy", client_address, self._busy)
+        if not self._admit(request):
+            log.debug("connection from %s closed: %d connections are busy", client_address, self.busy())
             self.shutdown_request(request)
             return
         try:
             super().process_request(request, client_address)
         except BaseException:
-            self._set_busy(-1)
+            self.forget(request)
             raise
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
@@ -153,52 +213,72 @@ class Server(ThreadingHTTPServer):
         except Exception:
             self.handle_error(request, client_address)
         finally:
-            self._set_busy(-1)
             self.shutdown_request(request)
 
     def finish_request(self, request: Any, client_address: Any) -> None:
         """Serve a connection accepted elsewhere to its end, in this thread, admitted as if accepted here."""
-        if not self._admit():
-            log.debug("connection from %s closed: %d connections are busy", client_address, self._busy)
+        if not self._admit(request):
+            log.debug("connection from %s closed: %d connections are busy", client_address, self.busy())
             return
-        try:
-            self.serve_connection(request, client_address)
-        finally:
-            self._set_busy(-1)
+        self.serve_connection(request, client_address)
 
-    def _admit(self) -> bool:
-        """Count one more busy connection if there is room, made if need be by closing one that waits for
-        its next request. Check and count happen under one lock, whichever thread admits."""
+    def busy(self) -> int:
         with self._activity:
-            if self._busy + len(self._waiting) >= self.max_connections:
-                if not self._waiting:
+            return sum(state == BUSY for state, _ in self._states.values())
+
+    def _admit(self, sock: socket.socket) -> bool:
+        """Count one more connection if there is room, made if need be by closing the one idle longest:
+        waiting for its next request, or still sending its head. Check and count share one lock."""
+        with self._activity:
+            if len(self._states) >= self.max_connections:
+                idle = [(since, sock) for sock, (state, since) in self._states.items() if state != BUSY]
+                if not idle:
                     return False
-                idle = self._waiting.pop()  # no longer counted; its thread ends on the shutdown
+                victim = min(idle, key=lambda item: item[0])[1]
+                del self._states[victim]  # no longer counted; its thread ends on the shutdown
+                self._evicted.add(victim)
                 with contextlib.suppress(OSError):
-                    socket.socket.shutdown(idle, socket.SHUT_RDWR)  # the socket's own, below any TLS layer
-            self._busy += 1
+                    socket.socket.shutdown(victim, socket.SHUT_RDWR)  # the socket's own, below any TLS
+            self._states[sock] = (HEAD, time.monotonic())  # its head (a TLS handshake first) is to come
             self._activity.notify_all()
             return True
 
-    def _set_busy(self, delta: int, waiting: Optional[socket.socket] = None) -> None:
+    def rekey(self, sock: socket.socket, wrapper: socket.socket) -> None:
+        """The connection now reads and writes through ``wrapper`` (TLS), which takes over its state."""
         with self._activity:
-            self._busy += delta
-            if waiting is not None:
-                (self._waiting.add if delta < 0 else self._waiting.discard)(waiting)
+            if sock in self._evicted:
+                self._evicted.discard(sock)
+                self._evicted.add(wrapper)
+                with contextlib.suppress(OSError):
+                    socket.socket.shutdown(wrapper, socket.SHUT_RDWR)
+            else:
+                self._states[wrapper] = self._states.pop(sock)
+
+    def forget(self, sock: socket.socket) -> None:
+        """The connection has ended."""
+        with self._activity:
+            self._states.pop(sock, None)
+            self._evicted.discard(sock)
+            self._activity.notify_all()
+
+    def set_state(self, sock: socket.socket, state: str) -> None:
+        with self._activity:
+            if sock not in self._evicted:
+                self._states[sock] = (state, time.monotonic())
             self._activity.notify_all()
 
     def wait_for_request(self, sock: socket.socket) -> None:
-        self._set_busy(-1, sock)
+        self.set_state(sock, WAITING)
 
     def request_arrived(self, sock: socket.socket) -> None:
-        self._set_busy(+1, sock)
+        self.set_state(sock, BUSY)
 
     def is_idle(self) -> bool:
         """No request being read or handled, none waiting to be accepted, no unread bytes anywhere."""
         with self._activity:
-            if self._busy:
+            if any(state != WAITING for state, _ in self._states.values()):
                 return False
-            waiting = list(self._waiting)
+            waiting = list(self._states)
         with contextlib.suppress(OSError, ValueError):
             if any(isinstance(s, ssl.SSLSocket) and s.pending() for s in waiting):
                 return False
@@ -218,13 +298,13 @@ class Server(ThreadingHTTPServer):
 
     def serve_connection(self, request: Any, client_address: Any) -> None:
         """Serve one admitted connection until it ends."""
-        request.settimeout(IDLE_TIMEOUT)
-        if not self.track(request, True):
-            return
         try:
-            self.RequestHandlerClass(request, client_address, self)
+            request.settimeout(IDLE_TIMEOUT)
+            if self.track(request, True):
+                self.RequestHandlerClass(request, client_address, self)
         finally:
             self.track(request, False)
+            self.forget(request)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         log.debug("connection from %s ended with an error", client_address, exc_info=True)
@@ -249,7 +329,12 @@ class TLSServer(Server):
             request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         request.settimeout(REQUEST_TIMEOUT)  # for the whole handshake: ssl counts it from its start
         # Wrap first and shake hands after, so stop() can shut down a connection stuck in the handshake.
-        tls = self.context.wrap_socket(request, server_side=True, do_handshake_on_connect=False)
+        try:
+            tls = self.context.wrap_socket(request, server_side=True, do_handshake_on_connect=False)
+        except BaseException:
+            self.forget(request)
+            raise
+        self.rekey(request, tls)
         try:
             if not self.track(tls, True):
                 return
@@ -260,6 +345,7 @@ class TLSServer(Server):
             log.debug("connection from %s failed", client_address, exc_info=True)
         finally:
             self.track(tls, False)
+            self.forget(tls)
             tls.close()
 
 
@@ -278,7 +364,8 @@ class Handler(BaseHTTPRequestHandler):
         self.connection = self.request
         self._reader = RequestReader(self.connection)
         self.rfile = io.BufferedReader(self._reader)
-        self.wfile = self.connection.makefile("wb", self.wbufsize)
+        self._writer = AnswerWriter(self.connection)
+        self.wfile = io.BufferedWriter(self._writer, self.wbufsize)
 
     def finish(self) -> None:
         super().finish()
@@ -306,15 +393,18 @@ class Handler(BaseHTTPRequestHandler):
         self.command = self.requestline = ""
         self.request_version = self.default_request_version
         self._reader.next_request()
-        waiting = not self._request_started()
-        if waiting:
-            self.server.wait_for_request(self.connection)
+        self._writer.next_answer()
+        connection = self.connection
         try:
-            if waiting:
+            if self._request_started():
+                self._reader.begin()  # its bytes came with the last request's: its deadline runs now
+                self.server.set_state(connection, HEAD)
+            else:
+                self.server.wait_for_request(connection)
                 try:
                     self.rfile.peek(1)  # the idle wait, until a request's first byte or the end
                 finally:
-                    self.server.request_arrived(self.connection)
+                    self.server.set_state(connection, HEAD)
             self.raw_requestline = self.rfile.readline(65537)
             if len(self.raw_requestline) > 65536:
                 self.send_error(414, "The request line is too long.")
@@ -323,6 +413,10 @@ class Handler(BaseHTTPRequestHandler):
                 self.close_connection = True
                 return
             if not self.parse_request():
+                return
+            self.server.request_arrived(connection)  # a whole head: no longer idle
+            if self._malformed_headers():
+                self.send_error(400, BAD_HEADER)
                 return
             if self._content_length() is None:
                 self.send_error(400, BAD_FRAMING)
@@ -334,13 +428,21 @@ class Handler(BaseHTTPRequestHandler):
         except CLIENT_GONE:  # the client went away mid-request
             self.close_connection = True
 
+    def _malformed_headers(self) -> bool:
+        """A line that is no 'Name: value' (which ends the stdlib's headers early, the rest taken for a
+        body), a header without a name, or a value folded over lines."""
+        headers = self.headers
+        return bool(headers.defects or headers.get_payload()) or any(
+            "\n" in value or "\r" in value for value in headers.values()
+        )
+
     def do_other(self) -> None:
         """A method no route serves."""
         raise NotImplementedError
 
     def _timed_out(self) -> None:
         self.close_connection = True
-        if self._reader.deadline is not None:  # a request had begun: say why it ends
+        if self._reader.deadline is not None and not self._writer.timed_out:  # say why it ends
             with contextlib.suppress(OSError):
                 self.send_error(408, "The request was not received in time.")
                 self.wfile.flush()
@@ -370,7 +472,8 @@ class Handler(BaseHTTPRequestHandler):
             self.connection.settimeout(IDLE_TIMEOUT)
 
     def log_message(self, format: str, *args: Any) -> None:
-        log.debug("%s %s", self.address_string(), printable(format % args))
+        if log.isEnabledFor(logging.DEBUG):  # every answer is logged: no work for a log that drops it
+            log.debug("%s %s", self.address_string(), printable(format % args, self.server.hidden))
 
     def send_json(self, status: int, body: Optional[Dict[str, Any]], headers: Dict[str, str]) -> None:
         payload = b"" if body is None else json.dumps(body, separators=(",", ":")).encode()
@@ -392,6 +495,8 @@ class Handler(BaseHTTPRequestHandler):
     def send_error(self, code: int, message: Optional[str] = None, explain: Optional[str] = None) -> None:
         """Malformed HTTP, answered in the endpoint's error format instead of the stdlib's HTML page."""
         self.close_connection = self._linger = True
+        if code == 505:  # HTTP/2.0, PRI * HTTP/2.0, HTTP/9.9: a malformed request here, not a server fault
+            code, message = 400, HTTP_1_ONLY
         error = ProtocolError(code, message or "Bad request")
         self.send_json(code, self.error_body(error), {"Connection": "close"})
 

@@ -89,7 +89,9 @@ class VaultHandler(Handler):
         except CLIENT_GONE:
             raise
         except Exception:  # a bug in localvault; the server keeps serving
-            log.exception("internal error handling %s %s", self.command, printable(self.path))
+            log.exception(
+                "internal error handling %s %s", self.command, printable(self.path, self.server.hidden)
+            )
             status, payload = (
                 500,
                 {"error": {"code": "InternalError", "message": "localvault internal error"}},
@@ -148,6 +150,7 @@ class IdentityServer(Server):
         max_connections: int = MAX_CONNECTIONS,
     ) -> None:
         self.issuer, self.secret = issuer, secret
+        self.hidden = (secret,)
         super().__init__(address, IdentityHandler, max_connections)
 
 

@@ -152,6 +152,7 @@ class LocalVault:
             )
             self._vault_server.base_url = self.url  # ids and links name the vault, whatever Host says
             self._vault_server.controls = self.controls
+            self._vault_server.hidden = (self._identity_secret,)
         except BaseException:
             self._close_servers()
             shutil.rmtree(self._dir, ignore_errors=True)
