@@ -116,8 +116,8 @@ class RequestReader(socket.SocketIO):
                 count = super().readinto(buffer)
             finally:
                 sock.settimeout(IDLE_TIMEOUT)
-        if count and self.deadline is None:
-            self.deadline = time.monotonic() + REQUEST_TIMEOUT
+        if count:
+            self.begin()
         return count
 
 
@@ -169,6 +169,7 @@ class Server(ThreadingHTTPServer):
         bind: bool = True,
     ) -> None:
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        self.bound = bind
         self.max_connections = max_connections
         self._connections: Set[socket.socket] = set()
         self._connections_lock = threading.Lock()
@@ -282,7 +283,8 @@ class Server(ThreadingHTTPServer):
         with contextlib.suppress(OSError, ValueError):
             if any(isinstance(s, ssl.SSLSocket) and s.pending() for s in waiting):
                 return False
-            readable, _, _ = select.select([self.socket, *waiting], [], [], 0)
+            listening = [self.socket] if self.bound else []  # an unbound socket always reads as ready
+            readable, _, _ = select.select([*listening, *waiting], [], [], 0)
             return not readable
         return False
 
