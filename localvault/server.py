@@ -131,8 +131,13 @@ class _Server(ThreadingHTTPServer):
     allow_reuse_address = False
 
     def __init__(
-        self, address: Tuple[str, int], handler: type, max_connections: int = MAX_CONNECTIONS
+        self,
+        address: Tuple[str, int],
+        handler: type,
+        max_connections: int = MAX_CONNECTIONS,
+        bind: bool = True,
     ) -> None:
+        self.bound = bind  # False: it serves only connections handed to it, and has no port
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         self.max_connections = max_connections
         self._connections: Set[socket.socket] = set()
@@ -142,7 +147,7 @@ class _Server(ThreadingHTTPServer):
         self._busy = 0
         self._waiting: Set[socket.socket] = set()
         self._activity = threading.Condition()
-        super().__init__(address, handler)
+        super().__init__(address, handler, bind_and_activate=bind)
 
     def track(self, sock: socket.socket, active: bool) -> bool:
         """Add or drop a connection; False when adding one after close_connections(), which must end."""
@@ -213,7 +218,8 @@ class _Server(ThreadingHTTPServer):
         with contextlib.suppress(OSError, ValueError):
             if any(isinstance(s, ssl.SSLSocket) and s.pending() for s in waiting):
                 return False
-            readable, _, _ = select.select([self.socket, *waiting], [], [], 0)
+            listening = [self.socket] if self.bound else []
+            readable, _, _ = select.select([*listening, *waiting], [], [], 0)
             return not readable
         return False
 
@@ -252,9 +258,10 @@ class VaultServer(_Server):
         store: KeyStore,
         issuer: TokenIssuer,
         max_connections: int = MAX_CONNECTIONS,
+        bind: bool = True,
     ) -> None:
         self.context, self.store, self.issuer = context, store, issuer
-        super().__init__(address, VaultHandler, max_connections)
+        super().__init__(address, VaultHandler, max_connections, bind)
         self.base_url = ""  # the vault's URL, which names it in ids and links; set by LocalVault once bound
 
     def finish_request(self, request: Any, client_address: Any) -> None:
