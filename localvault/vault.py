@@ -422,7 +422,9 @@ class LocalVault:
         """Variables that bring every stock SDK here unchanged: HTTPS through the proxy (both cases,
         as Python reads one and JavaScript the other), loopback past it, trust in localvault's CA for
         requests, aiohttp and Node, and ``DefaultAzureCredential()``'s tokens from this vault. A
-        proxied vault adds ``KEY_VAULT_URL``, its own URL."""
+        ``KEY_VAULT_URL`` is the vault's own URL: ``https://127.0.0.1:PORT`` (reached past the proxy, so a
+        client needs ``verify_challenge_resource=False`` and the CA), or a proxied vault's real address.
+        The standalone command's export lines leave it out, so that ``KEY_VAULT_NAME`` can choose."""
         owner = self if self._parent is None else self._parent
         variables = {
             "HTTPS_PROXY": owner.proxy_url,
@@ -436,9 +438,8 @@ class LocalVault:
             "IDENTITY_HEADER": owner._identity_secret,
             "LOCALVAULT_URL": owner.url,
             "LOCALVAULT_CA_FILE": owner.ca_file,
+            "KEY_VAULT_URL": self.url,
         }
-        if self._parent is not None:
-            variables["KEY_VAULT_URL"] = self.url
         return variables
 
     def credential(self) -> LocalVaultCredential:

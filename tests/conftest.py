@@ -23,6 +23,20 @@ from azure.core.exceptions import HttpResponseError, ResourceNotFoundError
 import kv_keys
 
 API_VERSION = "2025-07-01"
+# What `python -m localvault` exports: the proxy, trust for every SDK, the identity endpoint, the direct URL.
+EXPORTED_NAMES = (
+    "HTTPS_PROXY",
+    "https_proxy",
+    "NO_PROXY",
+    "no_proxy",
+    "REQUESTS_CA_BUNDLE",
+    "SSL_CERT_FILE",
+    "NODE_EXTRA_CA_CERTS",
+    "IDENTITY_ENDPOINT",
+    "IDENTITY_HEADER",
+    "LOCALVAULT_URL",
+    "LOCALVAULT_CA_FILE",
+)
 
 
 def _is_loopback(host: Any) -> bool:
@@ -150,7 +164,7 @@ def standalone_localvault(clean_env: Dict[str, str]) -> Iterator[Dict[str, str]]
         assert process.stdout is not None
         exports = read_exports(process.stdout)
         watchdog.cancel()
-        assert set(exports) == {"KEY_VAULT_URL", "IDENTITY_ENDPOINT", "IDENTITY_HEADER", "LOCALVAULT_CA_FILE"}
+        assert set(exports) == set(EXPORTED_NAMES)
         yield exports
     finally:
         watchdog.cancel()

@@ -102,8 +102,8 @@ def test_session_vault_through_its_environment(
 def test_vault_url_option_against_a_standalone_localvault(
     standalone_localvault: Dict[str, str], clean_env: Dict[str, str]
 ) -> None:
-    url = standalone_localvault.pop("KEY_VAULT_URL")
-    env = dict(clean_env, **standalone_localvault)  # no KEY_VAULT_URL: the vault comes from --vault-url
+    url = standalone_localvault["LOCALVAULT_URL"]
+    env = dict(clean_env, **standalone_localvault)  # the export lines carry no KEY_VAULT_URL: the vault comes from --vault-url
     result = kv_keys("--vault-url", url, "--name", "standalone-key", "--purge", env=env)
     assert result.returncode == 0, result.stderr
     assert f"Creating a key in {url} called 'standalone-key' ..." in result.stdout
