@@ -259,6 +259,14 @@ class LocalVault:
                 raise ValueError(f"{found.host} is served already; options apply only to a new vault")
             return child
 
+    def forget(self, vault: LocalVault) -> None:
+        """Stop a vault the proxy serves and forget it: its name is a new, empty vault on next use (its
+        data directory, if any, stays)."""
+        with self._children_lock:
+            if self._children.get(vault._host) is vault:
+                del self._children[vault._host]
+        vault.stop()
+
     def vaults(self) -> List[LocalVault]:
         """The vaults the proxy serves so far, by host."""
         with self._children_lock:
