@@ -36,7 +36,6 @@ AES_CBC = {"A128CBC": 16, "A192CBC": 24, "A256CBC": 32}
 AES_CBCPAD = {"A128CBCPAD": 16, "A192CBCPAD": 24, "A256CBCPAD": 32}
 AES_KW = {"A128KW": 16, "A192KW": 24, "A256KW": 32}
 CKM_WRAP = ("CKM_AES_KEY_WRAP", "CKM_AES_KEY_WRAP_PAD")
-SYMMETRIC_SIZES = (128, 192, 256)
 GCM_IV_BYTES, GCM_TAG_BYTES, CBC_IV_BYTES = 12, 16, 16
 MAX_RANDOM_BYTES = 128
 
@@ -317,12 +316,6 @@ def verify(key: PrivateKey, alg: str, digest: bytes, signature: bytes) -> bool:
             return False
         return True
     return hmac.compare_digest(hmac.new(key, digest, chosen.name).digest(), signature)
-
-
-def generate_symmetric_key(bits: int) -> bytes:
-    if bits not in SYMMETRIC_SIZES:
-        raise BadParameter(f"Invalid key size: {bits}. oct-HSM keys must be 128, 192 or 256 bits.")
-    return os.urandom(bits // 8)
 
 
 def random_bytes(count: int) -> bytes:

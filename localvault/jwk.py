@@ -1,11 +1,12 @@
-"""JSON Web Key conversion for RSA and EC keys, with ``cryptography`` doing the maths."""
+"""JSON Web Key conversion for RSA and EC keys, and key generation, with ``cryptography`` doing the maths."""
 
 from __future__ import annotations
 
 import base64
 import binascii
+import os
 import re
-from typing import Any, Dict, Union
+from typing import Any, Dict, Optional, Union
 
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
@@ -20,6 +21,11 @@ CURVES: Dict[str, ec.EllipticCurve] = {
     "P-384": ec.SECP384R1(),
     "P-521": ec.SECP521R1(),
 }
+KEY_TYPES = {"RSA": "RSA", "RSA-HSM": "RSA", "EC": "EC", "EC-HSM": "EC", "oct": "oct", "oct-HSM": "oct"}
+MANAGED_HSM_TYPES = {"oct", "oct-HSM"}
+RSA_SIZES = (2048, 3072, 4096)
+RSA_EXPONENTS = (3, 65537)
+SYMMETRIC_SIZES = (128, 192, 256)
 _CURVE_NAMES = {type(curve).__name__: name for name, curve in CURVES.items()}
 _BASE64URL = re.compile(r"^[A-Za-z0-9_-]*={0,2}$")
 MAX_RSA_EXPONENT_BYTES = 8  # OpenSSL refuses longer public exponents for keys over 3072 bits
@@ -127,3 +133,56 @@ def private_key_from_jwk(jwk: Dict[str, Any], family: str) -> PrivateKey:
         return key
     except (ValueError, TypeError, OverflowError) as exc:
         raise BadParameter(f"The JSON Web Key is not a valid {family} private key: {exc}") from None
+
+
+# -- generation ------------------------------------------------------------------------------------
+
+
+def check_kty(kty: Any, managed_hsm: bool) -> str:
+    if not isinstance(kty, str):
+        raise BadParameter("The key type (kty) must be a string.")
+    if kty in MANAGED_HSM_TYPES and not managed_hsm:
+        raise BadParameter(f"Key type '{kty}' is only supported by Managed HSM, not by a key vault.")
+    if kty not in KEY_TYPES:
+        raise BadParameter(f"Invalid key type: {kty!r}. Supported key types: {', '.join(KEY_TYPES)}.")
+    return kty
+
+
+def generate_symmetric_key(bits: int) -> bytes:
+    if bits not in SYMMETRIC_SIZES:
+        raise BadParameter(f"Invalid key size: {bits}. oct-HSM keys must be 128, 192 or 256 bits.")
+    return os.urandom(bits // 8)
+
+
+def generate_key(
+    kty: str,
+    key_size: Optional[int],
+    public_exponent: Optional[int],
+    crv: Optional[str],
+    managed_hsm: bool = False,
+) -> PrivateKey:
+    """Generate a private key as a Premium vault (or a Managed HSM) would; BadParameter for what it rejects."""
+    family = KEY_TYPES[check_kty(kty, managed_hsm)]
+    if family == "oct":
+        return generate_symmetric_key(256 if key_size is None else key_size)
+    if family == "RSA":
+        size = 2048 if key_size is None else key_size
+        if size not in RSA_SIZES:
+            raise BadParameter(f"Invalid key size: {size}. RSA keys must be 2048, 3072 or 4096 bits.")
+        exponent = 65537 if public_exponent is None else public_exponent
+        if exponent not in RSA_EXPONENTS:
+            raise BadParameter(f"Invalid public exponent: {exponent}. Supported values: 3, 65537.")
+        return rsa.generate_private_key(public_exponent=exponent, key_size=size)
+    curve = "P-256" if crv is None else crv
+    if curve not in CURVES:
+        raise BadParameter(f"Invalid curve name: {curve!r}. Supported curves: {', '.join(CURVES)}.")
+    return ec.generate_private_key(CURVES[curve])
+
+
+def regenerate_key(kty: str, key: PrivateKey) -> PrivateKey:
+    """A fresh private key of type ``kty`` and of the same size or curve (and public exponent) as ``key``."""
+    if isinstance(key, bytes):  # oct-HSM: only a Managed HSM has them
+        return generate_key(kty, len(key) * 8, None, None, managed_hsm=True)
+    if isinstance(key, rsa.RSAPrivateKey):
+        return generate_key(kty, key.key_size, key.public_key().public_numbers().e, None)
+    return generate_key(kty, None, None, curve_name(key))

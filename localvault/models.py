@@ -3,40 +3,41 @@ one is attached (``localvault.persist``)."""
 
 from __future__ import annotations
 
+import bisect
+import contextlib
 import functools
+import heapq
 import json
 import os
 import threading
 import uuid
 from collections import deque
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
-from typing import Any, Deque, Dict, Iterable, Iterator, List, Optional, Protocol, Set, Tuple
+from typing import Any, Deque, Dict, Iterable, List, Optional, Tuple
 
 import isodate
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from . import crypto
 from .clock import Clock
 from .exceptions import BadParameter, Conflict, Forbidden, KeyNotFound, VaultError
+from .journal import Journal, WriteOrdering
 from .jwk import (
-    CURVES,
+    KEY_TYPES,
+    RSA_SIZES,
     PrivateKey,
     b64url_decode,
     b64url_encode,
+    check_kty,
     private_key_from_jwk,
     public_jwk,
+    regenerate_key,
     rsa_modulus_bits,
 )
 
-KEY_TYPES = {"RSA": "RSA", "RSA-HSM": "RSA", "EC": "EC", "EC-HSM": "EC", "oct": "oct", "oct-HSM": "oct"}
-MANAGED_HSM_TYPES = {"oct", "oct-HSM"}
-RSA_SIZES = (2048, 3072, 4096)
-RSA_EXPONENTS = (3, 65537)
 KEY_OPS = ("encrypt", "decrypt", "sign", "verify", "wrapKey", "unwrapKey", "import", "export")
 DEFAULT_OPS = {
     "RSA": ["encrypt", "decrypt", "sign", "verify", "wrapKey", "unwrapKey"],
@@ -58,7 +59,6 @@ MIN_TRIGGER_DAYS = 7  # service docs: rotation at least 7 days after creation an
 MAX_DURATION_CHARS = 64
 # A clock moved far ahead makes at most this many versions of one key at once: the latest due ones.
 MAX_CATCH_UP_ROTATIONS = 32
-_MAX_DUE_STEPS = 100_000
 _parse_duration = functools.lru_cache(maxsize=256)(isodate.parse_duration)
 SKUS = ("standard", "premium")
 # How the vault names itself in error messages, as "<vault name>;location=<region>".
@@ -143,56 +143,45 @@ class Pending:
     deleted: DeletedKey
 
 
+class SortedIndex(Dict[str, Any]):
+    """A dict that also keeps its keys sorted, so a page of them costs the length of the page."""
+
+    def __init__(self, items: Iterable[Tuple[str, Any]] = ()) -> None:
+        super().__init__(items)
+        self._sorted = sorted(super().keys())
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        if key not in self:
+            bisect.insort(self._sorted, key)
+        super().__setitem__(key, value)
+
+    def __delitem__(self, key: str) -> None:
+        super().__delitem__(key)
+        del self._sorted[bisect.bisect_left(self._sorted, key)]
+
+    def pop(self, key: str, *default: Any) -> Any:
+        if key in self:
+            value = self[key]
+            del self[key]
+            return value
+        return super().pop(key, *default)
+
+    def clear(self) -> None:
+        super().clear()
+        self._sorted.clear()
+
+    def after(self, after: str, limit: int) -> Tuple[List[str], Optional[str]]:
+        """Up to ``limit`` keys sorting after ``after``, in order; and the marker for the next page."""
+        start = bisect.bisect_right(self._sorted, after)
+        page = self._sorted[start : start + limit]
+        return page, (page[-1] if start + limit < len(self._sorted) and page else None)
+
+
 def check_delay(seconds: float) -> float:
     """A delete delay: a finite number of seconds, 0 to an hour."""
     if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 0 <= seconds <= 3600:
         raise ValueError("the delete delay must be a number of seconds between 0 and 3600")
     return float(seconds)
-
-
-class Journal(Protocol):
-    """Where a store records its changes (``localvault.persist``). Called without the store's lock, from
-    the thread that made the change, before the change is acknowledged; calls for one key come one at a
-    time and in the order of the changes, calls for different keys may come at once. An exception fails
-    the request that made the change (and any other whose change only this write held)."""
-
-    def key_changed(self, lower: str, record: Optional[KeyRecord], deleted: Optional[DeletedKey]) -> None:
-        """The key named ``lower`` is now live as ``record``, deleted as ``deleted``, or gone (both None);
-        both are snapshots that the store no longer changes."""
-
-
-class _KeyWrites:
-    """One key's changes not yet settled in the journal, by sequence number (guarded by KeyStore._io),
-    and how far its journal writes have got (set under ``lock``, held while writing; ``written`` is read
-    under KeyStore._io, which is notified after it is set)."""
-
-    def __init__(self) -> None:
-        self.pending: Set[int] = set()
-        self.lock = threading.Lock()
-        self.attempted = 0
-        self.written = 0
-        self.error: Optional[BaseException] = None
-
-
-@dataclass
-class _Staged:
-    """A change made under the store's lock, to be written by the same thread once it leaves it."""
-
-    lower: str
-    seq: int
-    writes: _KeyWrites
-    record: Optional[KeyRecord]
-    deleted: Optional[DeletedKey]
-
-
-class _Held(threading.local):
-    """What a thread did under the store's lock, until it leaves the outermost level."""
-
-    def __init__(self) -> None:
-        self.depth = 0
-        self.observed: Set[str] = set()
-        self.everything = False
-        self.staged: List[_Staged] = []
 
 
 def _snapshot(record: KeyRecord) -> KeyRecord:
@@ -217,53 +206,6 @@ def validate_tags(tags: Optional[Dict[str, str]]) -> Optional[Dict[str, str]]:
         if len(name) > 512 or len(value) > 256:
             raise BadParameter("Tag names are limited to 512 characters and tag values to 256 characters.")
     return dict(tags)
-
-
-def _check_kty(kty: Any, managed_hsm: bool) -> str:
-    if not isinstance(kty, str):
-        raise BadParameter("The key type (kty) must be a string.")
-    if kty in MANAGED_HSM_TYPES and not managed_hsm:
-        raise BadParameter(f"Key type '{kty}' is only supported by Managed HSM, not by a key vault.")
-    if kty not in KEY_TYPES:
-        raise BadParameter(f"Invalid key type: {kty!r}. Supported key types: {', '.join(KEY_TYPES)}.")
-    return kty
-
-
-def generate_key(
-    kty: str,
-    key_size: Optional[int],
-    public_exponent: Optional[int],
-    crv: Optional[str],
-    managed_hsm: bool = False,
-) -> PrivateKey:
-    """Generate a private key as a Premium vault (or a Managed HSM) would; BadParameter for what it rejects."""
-    family = KEY_TYPES[_check_kty(kty, managed_hsm)]
-    if family == "oct":
-        return crypto.generate_symmetric_key(256 if key_size is None else key_size)
-    if family == "RSA":
-        size = 2048 if key_size is None else key_size
-        if size not in RSA_SIZES:
-            raise BadParameter(f"Invalid key size: {size}. RSA keys must be 2048, 3072 or 4096 bits.")
-        exponent = 65537 if public_exponent is None else public_exponent
-        if exponent not in RSA_EXPONENTS:
-            raise BadParameter(f"Invalid public exponent: {exponent}. Supported values: 3, 65537.")
-        return rsa.generate_private_key(public_exponent=exponent, key_size=size)
-    curve = "P-256" if crv is None else crv
-    if curve not in CURVES:
-        raise BadParameter(f"Invalid curve name: {curve!r}. Supported curves: {', '.join(CURVES)}.")
-    return ec.generate_private_key(CURVES[curve])
-
-
-def regenerate_key(template: KeyVersion) -> PrivateKey:
-    """A fresh private key of the same type and size or curve (and public exponent) as ``template``."""
-    key = template.private_key
-    if isinstance(key, bytes):  # oct-HSM
-        return generate_key(
-            template.kty, len(key) * 8, None, None, managed_hsm=True
-        )  # only a Managed HSM has them
-    if isinstance(key, rsa.RSAPrivateKey):
-        return generate_key(template.kty, key.key_size, key.public_key().public_numbers().e, None)
-    return generate_key(template.kty, None, None, template.jwk["crv"])
 
 
 def add_duration(stamp: int, duration: str, name: str, sign: int = 1) -> int:
@@ -337,7 +279,7 @@ def make_rotation_policy(
 
 def key_from_jwk(jwk: Dict[str, Any], hsm: bool, managed_hsm: bool = False) -> Tuple[str, PrivateKey]:
     """The stored key type and private key for an imported JWK."""
-    kty = _check_kty(jwk.get("kty"), managed_hsm)
+    kty = check_kty(jwk.get("kty"), managed_hsm)
     if jwk.get("key_hsm"):
         raise BadParameter("Bring-your-own-key import (key_hsm) is not supported.")
     family = KEY_TYPES[kty]
@@ -351,7 +293,7 @@ def key_from_jwk(jwk: Dict[str, Any], hsm: bool, managed_hsm: bool = False) -> T
     return (f"{family}-HSM" if hsm or kty.endswith("-HSM") else family), key
 
 
-class KeyStore:
+class KeyStore(WriteOrdering):
     """Keys, their versions and soft-deleted keys. Names compare case-insensitively."""
 
     def __init__(
@@ -375,121 +317,62 @@ class KeyStore:
         self.sku = sku
         self.clock = clock or Clock()
         self._aead = AESGCM(backup_secret or _PROCESS_BACKUP_SECRET)
-        self._lock = threading.RLock()
-        self._keys: Dict[str, KeyRecord] = {}
-        self._deleted: Dict[str, DeletedKey] = {}
+        self._keys: SortedIndex = SortedIndex()
+        self._deleted: SortedIndex = SortedIndex()
+        # When each key's Rotate action is next due and each deleted key's purge date, in heaps whose
+        # entries are checked when they come up; a key's entry is renewed by every change to it.
+        self._due: Dict[str, int] = {}
+        self._due_heap: List[Tuple[int, str]] = []
+        self._purge_heap: List[Tuple[int, str]] = []
+        # Keys whose due versions a thread is generating, outside the lock; set when committed.
+        self._rotating: Dict[str, threading.Event] = {}
+        self._catching = threading.local()
         # Deletions and recoveries not complete yet: in neither collection until then.
         self._deleting: Dict[str, Pending] = {}
         self._recovering: Dict[str, Pending] = {}
-        self.journal: Optional[Journal] = None
-        # With a journal: changes numbered in order, those not yet written by key, and who waits for them.
-        self._seq = 0
-        self._writes: Dict[str, _KeyWrites] = {}
-        self._io = threading.Condition(threading.Lock())
-        self._held = _Held()
+        WriteOrdering.__init__(self)
 
     def load(self, keys: Iterable[KeyRecord], deleted: Iterable[DeletedKey], journal: Journal) -> None:
         """Replace every key with these, and record each change from now on in ``journal``."""
         with self._locked():
-            self._keys = {record.name.lower(): record for record in keys}
-            self._deleted = {d.record.name.lower(): d for d in deleted}
+            self._keys = SortedIndex((record.name.lower(), record) for record in keys)
+            self._deleted = SortedIndex((d.record.name.lower(), d) for d in deleted)
+            self._due.clear()
+            self._due_heap.clear()
+            self._purge_heap.clear()
+            for lower in (*self._keys, *self._deleted):
+                self._schedule(lower)
             self.journal = journal
 
-    @contextmanager
-    def _locked(self, name: Optional[str] = None) -> Iterator[None]:
-        """The store's lock, for a block whose answer shows the key ``name`` only, or any key (no name:
-        the safe default, which only costs waiting). With a journal, leaving the outermost level
-        releases the lock, writes the changes this thread made (``_changed``, the clock's catch-up's
-        included), then waits until every change made before to what the block may show is written, so
-        no answer shows what is not on disk. No file is written with the lock held."""
-        held = self._held
-        self._lock.acquire()
-        held.depth += 1
-        try:
-            if self.journal is not None:
-                if name is None:
-                    held.everything = True
-                else:
-                    held.observed.add(name.lower())
-            yield
-        finally:
-            held.depth -= 1
-            if held.depth:
-                self._lock.release()
-            else:
-                staged, observed, everything, upto = held.staged, held.observed, held.everything, self._seq
-                busy = staged or observed or everything
-                if busy:
-                    held.staged, held.observed, held.everything = [], set(), False
-                self._lock.release()
-                if busy:
-                    self._settle(staged, None if everything else observed, upto)
-
     def _changed(self, name: str) -> None:
-        """Stage the key's new state for the journal (inside ``_locked``). A deletion or recovery still
-        pending is recorded as done: only its visibility waits, so after a restart it is complete."""
-        if self.journal is None:
-            return
-        assert self._held.depth, "_changed() outside _locked()"
-        lower = name.lower()
+        self._schedule(name.lower())
+        super()._changed(name)
+
+    def _schedule(self, lower: str) -> None:
+        """Renew the key's due rotation and purge date after a change to it (lock held)."""
+        record, deleted = self._keys.get(lower), self._deleted.get(lower)
+        due = None
+        if record is not None and record.policy is not None and lower not in self._rotating:
+            latest = record.current()
+            with contextlib.suppress(VaultError):  # a date past the calendar's end: never due
+                due = self._rotation_due(record.policy, latest.created, latest.exp)
+        if due is None:
+            self._due.pop(lower, None)
+        elif self._due.get(lower) != due:
+            self._due[lower] = due
+            heapq.heappush(self._due_heap, (due, lower))
+        if deleted is not None:
+            heapq.heappush(self._purge_heap, (deleted.scheduled_purge_date, lower))
+
+    def _journal_state(self, lower: str) -> Tuple[Optional[KeyRecord], Optional[DeletedKey]]:
+        """Snapshots of the key as the journal records it. A deletion or recovery still pending is
+        recorded as done: only its visibility waits, so after a restart it is complete."""
         deleting, recovering = self._deleting.get(lower), self._recovering.get(lower)
         record = recovering.deleted.record if recovering else self._keys.get(lower)
         deleted = deleting.deleted if deleting else self._deleted.get(lower)
         if deleted is not None:
             deleted = replace(deleted, record=_snapshot(deleted.record))
-        self._seq += 1
-        with self._io:
-            writes = self._writes.get(lower)
-            if writes is None:
-                writes = self._writes[lower] = _KeyWrites()
-            writes.pending.add(self._seq)
-        self._held.staged.append(
-            _Staged(lower, self._seq, writes, None if record is None else _snapshot(record), deleted)
-        )
-
-    def _settle(self, staged: List[_Staged], observed: Optional[Set[str]], upto: int) -> None:
-        """Write this thread's changes, then wait for the changes up to ``upto`` to the keys named in
-        ``observed`` (None: every key). The first failed write is raised, after every change is tried."""
-        failure: Optional[BaseException] = None
-        for change in staged:
-            try:
-                self._write(change)
-            except BaseException as exc:  # raised below, once the others are written
-                failure = failure or exc
-        if failure is not None:
-            raise failure
-
-        def written() -> bool:  # each change up to ``upto`` written, or held by a later one written
-            keys = self._writes.values() if observed is None else map(self._writes.get, observed)
-            return all(w is None or all(s > upto or s <= w.written for s in w.pending) for w in keys)
-
-        with self._io:
-            self._io.wait_for(written)
-
-    def _write(self, change: _Staged) -> None:
-        """Write one change, unless a later one of its key, which holds it, is written already: never an
-        older state over a newer one. A failure is raised for it and for the earlier changes it held."""
-        writes = change.writes
-        try:
-            with writes.lock:
-                if writes.attempted < change.seq:
-                    writes.attempted = change.seq
-                    assert self.journal is not None
-                    try:
-                        self.journal.key_changed(change.lower, change.record, change.deleted)
-                    except BaseException as exc:
-                        writes.error = exc
-                        raise
-                    writes.written = change.seq
-                elif writes.written < change.seq:
-                    assert writes.error is not None
-                    raise writes.error
-        finally:
-            with self._io:
-                writes.pending.discard(change.seq)
-                if not writes.pending:
-                    del self._writes[change.lower]
-                self._io.notify_all()
+        return (None if record is None else _snapshot(record)), deleted
 
     @property
     def recovery_level(self) -> str:
@@ -513,6 +396,9 @@ class KeyStore:
             self._deleted.clear()
             self._deleting.clear()
             self._recovering.clear()
+            self._due.clear()
+            self._due_heap.clear()
+            self._purge_heap.clear()
             for lower in names if self.journal is not None else ():
                 self._changed(lower)
             self.clock.reset()
@@ -520,28 +406,103 @@ class KeyStore:
     # -- the clock ------------------------------------------------------------------------------
 
     def _catch_up(self) -> int:
-        """Bring the store up to the clock and return the time (lock held): due Rotate actions have made
-        their versions, as of their due times, and deleted keys past their scheduled purge date are gone.
-        Every read and write calls this first, so a moved clock takes effect when the vault is next asked."""
+        """Bring the store up to the clock and return the time (lock held): pending deletions and
+        recoveries are done, and deleted keys past their scheduled purge date are gone. Due Rotate
+        actions are made before the lock is taken (``_before_lock``). Its cost does not grow with the
+        number of keys: due times come from heaps."""
         exact = self.clock.now()
         now = int(exact)
         for pending, target in ((self._deleting, self._deleted), (self._recovering, None)):
-            for lower in [n for n, p in pending.items() if p.done <= exact]:
+            for lower in [n for n, p in pending.items() if p.done <= exact] if pending else ():
                 done = pending.pop(lower).deleted
                 if target is None:
                     self._keys[lower] = done.record
                 else:
                     target[lower] = done
-        for record in self._keys.values():
-            if record.policy is not None and record.policy.rotate_action() is not None:
-                latest = record.latest
-                self._rotate_due(record, record.policy, now)
-                if record.latest != latest:
-                    self._changed(record.name)
-        for lower in [n for n, d in self._deleted.items() if d.scheduled_purge_date <= now]:
-            del self._deleted[lower]
-            self._changed(lower)
+                self._schedule(lower)
+        heap = self._purge_heap
+        while heap and heap[0][0] <= now:
+            date, lower = heapq.heappop(heap)
+            deleted = self._deleted.get(lower)
+            if deleted is not None and deleted.scheduled_purge_date == date:
+                del self._deleted[lower]
+                self._changed(lower)
         return now
+
+    def _claim_due(self, now: int) -> List[Tuple[KeyRecord, KeyVersion, RotationPolicy, List[int]]]:
+        """Take the keys whose rotation is due, with the times of their due versions (lock held)."""
+        claimed = []
+        heap = self._due_heap
+        while heap and heap[0][0] <= now:
+            due, lower = heapq.heappop(heap)
+            record = self._keys.get(lower)
+            if self._due.get(lower) != due or record is None or record.policy is None:
+                continue
+            del self._due[lower]
+            template = record.current()
+            dues = self._due_times(record.policy, template, now)
+            if dues:
+                self._rotating[lower] = threading.Event()
+                claimed.append((record, template, record.policy, dues))
+            else:
+                self._schedule(lower)
+        return claimed
+
+    def _before_lock(self, name: Optional[str]) -> None:
+        """Make the versions of due Rotate actions: claimed under the lock, generated outside it (so a
+        slow RSA key stalls no one), committed under it if the key is still as it was. A request about
+        a key waits for its versions that another request is generating."""
+        if getattr(self._catching, "busy", False):
+            return
+        self._catching.busy = True
+        try:
+            with self._lock:
+                claimed = self._claim_due(int(self.clock.now()))
+                waiting = None if name is None else self._rotating.get(name.lower())
+            for record, template, policy, dues in claimed:
+                lower = record.name.lower()
+                try:
+                    keys = [regenerate_key(template.kty, template.private_key) for _ in dues]
+                except VaultError:  # a key the vault cannot make again (e.g. an imported odd exponent)
+                    keys = []
+                with self._lock:
+                    done = self._rotating.pop(lower)
+                try:
+                    with self._locked(record.name):
+                        unchanged = self._keys.get(lower) is record and record.policy is policy
+                        if keys and unchanged and record.latest == template.version:
+                            for due, private_key in zip(dues, keys):
+                                self._add_rotated(record, template, private_key, due)
+                        self._changed(record.name)  # also renews its due time
+                finally:
+                    done.set()
+            if waiting is not None:
+                waiting.wait()
+        finally:
+            self._catching.busy = False
+
+    def _due_times(self, policy: RotationPolicy, template: KeyVersion, now: int) -> List[int]:
+        """When the versions due by ``now`` are created: the latest MAX_CATCH_UP_ROTATIONS of them. A
+        long run is skipped in whole steps (exact for durations in days; months vary a little)."""
+        dues: Deque[int] = deque(maxlen=MAX_CATCH_UP_ROTATIONS)
+        created, exp = template.created, template.exp
+        steps = 0
+        while True:
+            try:
+                due = self._rotation_due(policy, created, exp)
+                if due is None or due > now:
+                    break
+                dues.append(due)
+                step, created, exp = due - created, due, self._rotated_exp(policy, due)
+                steps += 1
+                skip = (now - created) // step - 2 * MAX_CATCH_UP_ROTATIONS
+                if steps >= 2 * MAX_CATCH_UP_ROTATIONS and skip > 0:
+                    steps = 0
+                    created += skip * step
+                    exp = self._rotated_exp(policy, created)
+            except VaultError:  # a date past the calendar's end: never due
+                break
+        return list(dues)
 
     @staticmethod
     def _rotation_due(policy: RotationPolicy, created: int, exp: Optional[int]) -> Optional[int]:
@@ -557,27 +518,6 @@ class KeyStore:
             due = add_duration(exp, action.duration, action.trigger, sign=-1)
         # a policy set late acts from when it was set, never on a version before its creation
         return max(due, created + 1, policy.updated or 0)
-
-    def _rotate_due(self, record: KeyRecord, policy: RotationPolicy, now: int) -> None:
-        template = record.current()
-        dues: Deque[int] = deque(maxlen=MAX_CATCH_UP_ROTATIONS)
-        created, exp = template.created, template.exp
-        for _ in range(_MAX_DUE_STEPS):
-            try:
-                due = self._rotation_due(policy, created, exp)
-                next_exp = None if due is None else self._rotated_exp(policy, due)
-            except VaultError:  # a date past the calendar's end: never due
-                break
-            if due is None or due > now:
-                break
-            dues.append(due)
-            created, exp = due, next_exp
-        for due in dues:
-            try:
-                private_key = regenerate_key(template)
-            except VaultError:  # a key the vault cannot make again (e.g. an imported odd exponent)
-                return
-            self._add_rotated(record, template, private_key, due)
 
     @staticmethod
     def _rotated_exp(policy: Optional[RotationPolicy], created: int) -> Optional[int]:
@@ -653,9 +593,8 @@ class KeyStore:
         """Latest versions of keys whose lower-case name sorts after ``after``; and the next marker."""
         with self._locked():
             self._catch_up()
-            names = sorted(n for n in self._keys if n > after)
-            page = [self._keys[n].current() for n in names[:limit]]
-        return page, (names[limit - 1] if len(names) > limit else None)
+            names, marker = self._keys.after(after, limit)
+            return [self._keys[n].current() for n in names], marker
 
     def list_versions(self, name: str, after: str, limit: int) -> Tuple[List[KeyVersion], Optional[str]]:
         with self._locked(name):
@@ -668,9 +607,8 @@ class KeyStore:
     def list_deleted(self, after: str, limit: int) -> Tuple[List[DeletedKey], Optional[str]]:
         with self._locked():
             self._catch_up()
-            names = sorted(n for n in self._deleted if n > after)
-            page = [self._deleted[n] for n in names[:limit]]
-        return page, (names[limit - 1] if len(names) > limit else None)
+            names, marker = self._deleted.after(after, limit)
+            return [self._deleted[n] for n in names], marker
 
     def get_deleted(self, name: str) -> DeletedKey:
         with self._locked(name):
@@ -806,12 +744,21 @@ class KeyStore:
     def rotate(self, name: str) -> KeyVersion:
         """A new version now, like the latest in type, size or curve, key_ops and tags; its exp follows
         the policy's expiryTime."""
-        template = self.get(name)
-        # Generating is slow, so it happens outside the lock, as for create.
-        private_key = regenerate_key(template)
+        with self._locked(name):
+            self._catch_up()
+            record = self._record(name)
+            template = record.current()
+        # Generating is slow, so it happens outside the lock, as for create; the key must still be the
+        # one it started on: 404 if it is gone, 409 if the name is now another key's.
+        private_key = regenerate_key(template.kty, template.private_key)
         with self._locked(name):
             now = self._catch_up()
-            version = self._add_rotated(self._record(name), template, private_key, now)
+            if self._record(name) is not record:
+                raise Conflict(
+                    f"Key {record.name} was deleted and created again while it was being rotated; "
+                    "rotate it again."
+                )
+            version = self._add_rotated(record, template, private_key, now)
             self._changed(name)
             return version
 

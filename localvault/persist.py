@@ -356,7 +356,7 @@ class DataDir:
             return f"{lower}.json"
         return f"x{base64.b32encode(lower.encode()).decode().rstrip('=').lower()}.json"[:250]
 
-    # -- the journal (see models.Journal) ---------------------------------------------------------
+    # -- the journal (see journal.Journal) ---------------------------------------------------------
 
     def key_changed(self, lower: str, record: Optional[KeyRecord], deleted: Optional[DeletedKey]) -> None:
         relative = os.path.join(KEYS, self._file_name(lower))

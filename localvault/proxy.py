@@ -22,15 +22,8 @@ import uuid
 from typing import TYPE_CHECKING, Any, Dict, Iterable, NamedTuple, Optional, Tuple
 
 from .exceptions import VaultError
-from .server import (
-    LINGER_TIMEOUT,
-    MAX_CONNECTIONS,
-    VaultServer,
-    _Handler,
-    _Server,
-    log,
-    split_target,
-)
+from .http11 import LINGER_TIMEOUT, MAX_CONNECTIONS, Handler, Server, log, split_target
+from .server import VaultServer
 from .tokens import TENANT_ID, TokenIssuer
 
 if TYPE_CHECKING:
@@ -102,14 +95,14 @@ def _authority(target: str) -> Optional[Tuple[str, int]]:
     return host, int(port)
 
 
-class ProxyServer(_Server):
+class ProxyServer(Server):
     """The loopback proxy port of a LocalVault. A connection to a vault is handed, once its CONNECT is
     answered, to that vault's own server, which does the TLS handshake and serves it as its port would."""
 
     def __init__(self, address: Tuple[str, int], vault: LocalVault, max_connections: int = MAX_CONNECTIONS):
         self.vault = vault
         self.management = ManagementServer(vault._context, vault.issuer, max_connections)
-        self._handoffs: Dict[Any, Tuple[_Server, Any]] = {}
+        self._handoffs: Dict[Any, Tuple[Server, Any]] = {}
         self._handoffs_lock = threading.Lock()
         super().__init__(address, ProxyHandler, max_connections)
 
@@ -133,7 +126,7 @@ class ProxyServer(_Server):
             )
         return "tunnel", None
 
-    def hand_off(self, sock: Any, server: _Server, client_address: Any) -> None:
+    def hand_off(self, sock: Any, server: Server, client_address: Any) -> None:
         """Serve ``sock`` by ``server`` once this proxy's handler has finished with it."""
         with self._handoffs_lock:
             self._handoffs[sock] = (server, client_address)
@@ -159,7 +152,7 @@ class ProxyServer(_Server):
         return super().is_idle() and self.management.is_idle()
 
 
-class ProxyHandler(_Handler):
+class ProxyHandler(Handler):
     server: ProxyServer
     server_version = "localvault-proxy"
 
@@ -248,7 +241,7 @@ class ManagementServer(VaultServer):
         self.RequestHandlerClass = ManagementHandler
 
 
-class ManagementHandler(_Handler):
+class ManagementHandler(Handler):
     server: ManagementServer
 
     def error_body(self, error: VaultError) -> Dict[str, Any]:

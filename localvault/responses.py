@@ -10,7 +10,7 @@ from urllib.parse import quote, urlsplit
 
 from . import crypto
 from .exceptions import BadParameter, VaultError
-from .jwk import b64url_decode, b64url_encode
+from .jwk import b64url_decode, b64url_encode, generate_key
 from .models import (
     ACTION_TYPES,
     TRIGGERS,
@@ -19,7 +19,6 @@ from .models import (
     KeyVersion,
     LifetimeAction,
     RotationPolicy,
-    generate_key,
     key_from_jwk,
     validate_key_ops,
     validate_tags,

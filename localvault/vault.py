@@ -181,7 +181,9 @@ class LocalVault:
             )
             self._vault_server.base_url = self.url  # ids and links name the vault, whatever Host says
             self._vault_server.controls = self.controls
+            self._vault_server.hidden = (self._identity_secret,)
             self._proxy_server = ProxyServer((LOOPBACK, self._proxy_port), self, self.max_connections)
+            self._proxy_server.hidden = (self._identity_secret,)
         except BaseException:
             self._close_servers()
             shutil.rmtree(self._dir, ignore_errors=True)
@@ -201,6 +203,7 @@ class LocalVault:
             (LOOPBACK, 0), parent._context, self.store, self.issuer, self.max_connections, bind=False
         )
         server.base_url, server.controls = self.url, self.controls
+        server.hidden = (self._identity_secret,)
         self._vault_server = server
         return self
 

@@ -21,7 +21,7 @@ import pytest
 from conftest import EXPORTED_NAMES, RawVault, error_of
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from localvault import LocalVault, cli, server
+from localvault import LocalVault, cli, http11
 from localvault.cli import READY, read_exports
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -346,12 +346,48 @@ def test_unknown_methods_are_405_in_the_service_format(localvault, method, targe
         assert status == 401 and "WWW-Authenticate" in headers
 
 
-def test_http_2_request_line_is_505_never_internal_error(localvault):
+@pytest.mark.parametrize(
+    "request_line",
+    [b"GET /keys?api-version=7.5 HTTP/2.0", b"GET /keys?api-version=7.5 HTTP/9.9", b"PRI * HTTP/2.0"],
+)
+def test_other_http_versions_are_400_never_5xx(localvault, request_line):
     with _tls(localvault) as sock:
-        sock.sendall(b"GET /keys?api-version=7.5 HTTP/2.0\r\nHost: x\r\n\r\n")
-        status, _, body = _response(sock)
-    assert status == 505
-    assert _vault_error(body)["code"] == "HttpVersionNotSupported"
+        sock.sendall(request_line + b"\r\nHost: x\r\n\r\n")
+        status, headers, body = _response(sock)
+    assert status == 400 and headers["Connection"] == "close"
+    error = _vault_error(body)
+    assert error["code"] == "BadParameter" and "HTTP/1.1" in error["message"]
+    with _identity(localvault) as sock:
+        status, _, body = _exchange(sock, request_line.replace(b"/keys", b"/msi/token") + b"\r\n\r\n")
+    assert status == 400 and "HTTP/1.1" in _identity_error(status, body)["message"]
+
+
+MALFORMED_HEADERS = [
+    b"Transfer-Encoding : chunked",
+    b"no colon here",
+    b": no name",
+    b" X-Folded: a",
+    b"X-Obs-Fold: a\r\n  b",
+]
+
+
+@pytest.mark.parametrize("line", MALFORMED_HEADERS)
+def test_a_malformed_header_line_is_400_and_the_connection_ends(localvault, line):
+    """The bytes after a bad line are never taken for headers dropped silently, or for a next request."""
+    token = _token(localvault)
+    smuggled = _request("DELETE", "/keys/smuggled?api-version=7.5", token=token)
+    head = (
+        b"POST /keys/k/create?api-version=7.5 HTTP/1.1\r\nHost: x\r\n" + line + b"\r\n"
+        + f"Authorization: Bearer {token}\r\nContent-Length: 0\r\n\r\n".encode()
+    )
+    for sock, target in ((_tls(localvault), b"/keys/k/create"), (_identity(localvault), b"/msi/token")):
+        with sock:
+            sock.sendall(head.replace(b"/keys/k/create", target))
+            sock.sendall(b"5\r\n" + smuggled)
+            reply = _until_eof(sock)
+        assert reply.count(b"HTTP/1.1 ") == 1, reply
+        assert reply.startswith(b"HTTP/1.1 400 ") and b"Connection: close" in reply
+        assert b"malformed" in reply
 
 
 FRAMING = [
@@ -463,7 +499,7 @@ TOKEN_TARGET = "/msi/token?api-version=2019-08-01&resource=https://vault.azure.n
         (_request("POST", TOKEN_TARGET, (("Content-Length", "3"),), b"abc"), 405),
         (_request("TRACE", TOKEN_TARGET), 405),
         (_request("get", TOKEN_TARGET), 405),
-        (b"GET " + TOKEN_TARGET.encode() + b" HTTP/2.0\r\n\r\n", 505),
+        (b"GET " + TOKEN_TARGET.encode() + b" HTTP/2.0\r\n\r\n", 400),
     ],
 )
 def test_identity_endpoint_answers_hostile_requests_in_its_format(localvault, request_bytes, status):
@@ -503,7 +539,7 @@ def _trickle(sock: ssl.SSLSocket, byte: bytes) -> bytes:
 
 @pytest.mark.parametrize("part", ["request line", "headers", "body"])
 def test_a_trickling_client_is_cut_off_with_408(localvault, monkeypatch, part):
-    monkeypatch.setattr(server, "REQUEST_TIMEOUT", 0.5)
+    monkeypatch.setattr(http11, "REQUEST_TIMEOUT", 0.5)
     start = {
         "request line": b"GET /keys?api-version=7.5&x=",
         "headers": b"GET /keys?api-version=7.5 HTTP/1.1\r\nX-Slow: ",
@@ -519,7 +555,7 @@ def test_a_trickling_client_is_cut_off_with_408(localvault, monkeypatch, part):
 
 
 def test_a_trickling_client_of_the_identity_endpoint_is_cut_off(localvault, monkeypatch):
-    monkeypatch.setattr(server, "REQUEST_TIMEOUT", 0.5)
+    monkeypatch.setattr(http11, "REQUEST_TIMEOUT", 0.5)
     with _identity(localvault) as sock:
         sock.sendall(b"GET /msi/token HTTP/1.1\r\nX-Slow: ")
         sock.settimeout(0.1)
@@ -536,7 +572,7 @@ def test_a_trickling_client_of_the_identity_endpoint_is_cut_off(localvault, monk
 
 
 def test_an_idle_connection_is_closed_without_an_answer(localvault, monkeypatch):
-    monkeypatch.setattr(server, "IDLE_TIMEOUT", 0.3)
+    monkeypatch.setattr(http11, "IDLE_TIMEOUT", 0.3)
     with _tls(localvault) as sock:
         assert _until_eof(sock) == b""
     monkeypatch.undo()
@@ -544,7 +580,7 @@ def test_an_idle_connection_is_closed_without_an_answer(localvault, monkeypatch)
 
 
 def test_a_stalled_tls_handshake_is_closed(localvault, monkeypatch):
-    monkeypatch.setattr(server, "REQUEST_TIMEOUT", 0.3)
+    monkeypatch.setattr(http11, "REQUEST_TIMEOUT", 0.3)
     with socket.create_connection(("127.0.0.1", localvault.port), timeout=30) as sock:
         sock.sendall(b"\x16\x03\x01")  # the start of a ClientHello, and no more
         try:
@@ -644,6 +680,35 @@ def test_debug_log_holds_no_token_secret_or_key_material(localvault, raw, caplog
     assert backup[:40] not in text
     # the identity secret is the client's own query here; its header never appears
     assert text.count(secret) <= 1 and "X-IDENTITY-HEADER" not in text
+
+
+def test_log_text_is_cut_before_masking_and_no_token_survives():
+    line = http11.printable("GET /keys/" + "eyJ" * 22_000 + " HTTP/1.1")
+    assert len(line) < http11.MAX_LOGGED + 32 and "eyJ" not in line
+    assert "more)" in line  # says it was cut
+
+
+def test_debug_log_hides_percent_encoded_tokens_and_secrets_in_urls(localvault, raw, caplog):
+    caplog.set_level(logging.DEBUG, logger="localvault")
+    token = raw.session.headers["Authorization"].split()[1]
+    encoded = token.replace(".", "%2E")
+    identity = localvault.environ()["IDENTITY_HEADER"]
+    for target in (
+        f"/keys?api-version=7.5&access_token={encoded}",
+        f"/keys?api-version=7.5&secret=hunter2-{identity[:6]}&next=1",
+        f"/keys/{identity}?api-version=7.5",
+    ):
+        with _tls(localvault) as sock:
+            _exchange(sock, _request("GET", target, token=token))
+    with _identity(localvault) as sock:
+        _exchange(sock, _request("GET", f"{TOKEN_TARGET}&x={identity}"))
+
+    text = "\n".join(logging.Formatter().format(r) for r in caplog.records if r.name.startswith("localvault"))
+    assert "/keys?api-version=7.5&access_token=<token>" in text  # logged, hidden
+    assert "secret=<secret>&next=1" in text and "hunter2" not in text
+    assert identity not in text and "/keys/<secret>?" in text
+    for part in token.split("."):
+        assert part not in text
 
 
 # -- --env-file --------------------------------------------------------------------------------------
