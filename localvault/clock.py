@@ -12,6 +12,9 @@ import threading
 import time
 from datetime import timedelta
 
+# The clock may not be moved past this (the year 9000): later dates break the calendar's arithmetic.
+MAX_CLOCK = 221_845_392_000
+
 
 class Clock:
     def __init__(self, offset: float = 0.0) -> None:
@@ -37,13 +40,20 @@ class Clock:
         seconds: float = 0,
     ) -> float:
         """Move the vault's time forward, e.g. ``advance(days=30)``; returns the new offset.
-        Time never goes back: a negative step raises ValueError."""
+        Time never goes back, nor past the year 9000: either raises ValueError."""
         step = (delta or timedelta()) + timedelta(days=days, hours=hours, minutes=minutes, seconds=seconds)
+        with self._lock:
+            self._offset = self._moved(step)
+            return self._offset
+
+    def _moved(self, step: timedelta) -> float:
+        """The offset after a move by ``step``; ValueError for one the clock refuses."""
         if step < timedelta():
             raise ValueError("the vault's clock only moves forward")
-        with self._lock:
-            self._offset += step.total_seconds()
-            return self._offset
+        offset = self._offset + step.total_seconds()
+        if time.time() + offset > MAX_CLOCK:
+            raise ValueError("the vault's clock cannot move past the year 9000")
+        return offset
 
     def reset(self) -> None:
         """Back to real time."""

@@ -9,6 +9,7 @@ the body is not read. Its requests are neither logged nor subject to faults or p
 from __future__ import annotations
 
 import hmac
+import logging
 import re
 import threading
 from collections import deque
@@ -16,18 +17,27 @@ from datetime import datetime, timezone
 from typing import Any, Callable, Deque, Dict, FrozenSet, Iterable, List, NamedTuple, Optional, Tuple
 from urllib.parse import urlsplit
 
-from .exceptions import BadParameter, Forbidden, MethodNotAllowed, NotFound, Unauthorized, VaultError
+from .clock import MAX_CLOCK
+from .exceptions import (
+    BadParameter,
+    Forbidden,
+    InternalServerError,
+    MethodNotAllowed,
+    NotFound,
+    Unauthorized,
+    VaultError,
+)
 from .faults import FaultPlan, canonical_names
+from .http11 import CLIENT_GONE
 from .models import VAULT_LOCATION, KeyStore, add_duration, check_delay
 from .responses import json_object
 from .tokens import TENANT_ID
 from .urls import ROUTES, Route, resolve
 
+log = logging.getLogger("localvault")
 PREFIX = "/_localvault"
 MAX_LOG = 10_000
 MAX_WAIT_IDLE = 60.0
-# The clock may not be moved past this (the year 9000): later dates break the calendar's arithmetic.
-MAX_CLOCK = 221_845_392_000
 # Access-policy key permissions, as the route table spells them; "all" stands for every one.
 KEY_PERMISSIONS = frozenset(route.permission for route in ROUTES if route.permission)
 _SPELLINGS = {name.lower(): name for name in (*KEY_PERMISSIONS, "all")}
@@ -124,11 +134,13 @@ class Controls:
         """Whether ``given`` is the identity secret; constant time, whatever characters it holds."""
         return hmac.compare_digest((given or "").encode("utf-8", "surrogateescape"), self._secret)
 
-    def check(self, route: Route) -> None:
-        """Before a request is processed: an injected fault, then the key permission its route needs.
-        Faults come first, as throttling and outages come from the service's front end, before the
-        access policy is consulted."""
+    def inject_fault(self, route: Route) -> None:
+        """Raise the fault injected into this request, if any. Called before ``authorize``: throttling and
+        outages come from the service's front end, before the access policy is consulted."""
         self.faults.decide(route.operation)
+
+    def authorize(self, route: Route) -> None:
+        """Raise the service's 403 if the key permission the route needs is not granted."""
         if route.permission and route.permission not in self.key_permissions:
             raise Forbidden.access_denied(route.permission, self._principal_id, TENANT_ID, VAULT_LOCATION)
 
@@ -136,9 +148,24 @@ class Controls:
         self.key_permissions = check_permissions(names)
 
     def reset(self) -> None:
-        """Keys, clock, request log, faults, delete delay and permissions back to how the vault started."""
+        """Keys, clock, request log, faults, delete delay and permissions back to how the vault started.
+        The clock goes first, its write before any change, so that a failure to write leaves everything
+        as it was; forgetting the keys only removes files."""
         rates, seed, operations, permissions, delay = self._start
-        self.store.reset()
+        try:
+            self.store.clock.reset()
+        except OSError as exc:
+            raise InternalServerError(
+                f"Nothing was reset: the clock could not be written ({exc.strerror})."
+            ) from None
+        try:
+            self.store.reset()
+        except OSError as exc:
+            raise InternalServerError(
+                "The clock is back to real time and every key is forgotten, but removing their files "
+                f"failed ({exc.strerror}): they come back when the vault restarts. Faults, permissions "
+                "and the request log were not reset."
+            ) from None
         self.faults.clear()
         self.faults.configure(rates, seed, operations)
         self.store.set_delete_delay(delay)
@@ -167,7 +194,14 @@ class Controls:
             raise BadParameter("'advance' must be a number of seconds or an ISO 8601 duration such as P30D.")
         if not 0 <= seconds <= MAX_CLOCK - now:
             raise BadParameter("'advance' must move the clock forward, and not past the year 9000.")
-        self.store.clock.advance(seconds=seconds)
+        try:
+            self.store.clock.advance(seconds=seconds)
+        except ValueError:  # the clock moved on by itself past the bound checked above
+            raise BadParameter("'advance' must move the clock forward, and not past the year 9000.") from None
+        except OSError as exc:
+            raise InternalServerError(
+                f"The clock was not moved: it could not be written ({exc.strerror})."
+            ) from None
 
 
 # -- the control API --------------------------------------------------------------------------------
@@ -314,4 +348,11 @@ def handle(handler: Any) -> None:
         status, payload = action(Call(controls, handler, json_object(handler.read_body()) or {}))
     except VaultError as error:
         status, payload = error.status, error.body()
+    except CLIENT_GONE:
+        raise
+    except Exception:  # a bug in localvault; the server keeps serving
+        log.exception(
+            "internal error in the control API: %s %s", handler.command, _path_of(handler.path)[:128]
+        )
+        status, payload = 500, InternalServerError("localvault internal error in the control API").body()
     handler.send_json(status, payload, {"Cache-Control": "no-store"})

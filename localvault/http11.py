@@ -116,8 +116,8 @@ class RequestReader(socket.SocketIO):
                 count = super().readinto(buffer)
             finally:
                 sock.settimeout(IDLE_TIMEOUT)
-        if count and self.deadline is None:
-            self.deadline = time.monotonic() + REQUEST_TIMEOUT
+        if count:
+            self.begin()
         return count
 
 

@@ -11,6 +11,7 @@ from typing import Any, Dict, Optional, Union
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from .exceptions import BadParameter
+from .workers import INLINE, CryptoWorkers
 
 # An oct key is the bytes of its AES key.
 PrivateKey = Union[rsa.RSAPrivateKey, ec.EllipticCurvePrivateKey, bytes]
@@ -96,7 +97,9 @@ def public_jwk(key: PrivateKey) -> Dict[str, str]:
     return {"crv": curve_name(key), "x": _int_to_b64(point.x, size), "y": _int_to_b64(point.y, size)}
 
 
-def private_key_from_jwk(jwk: Dict[str, Any], family: str) -> PrivateKey:
+def private_key_from_jwk(
+    jwk: Dict[str, Any], family: str, workers: Optional[CryptoWorkers] = None
+) -> PrivateKey:
     """Build a private key from an imported JWK; ``family`` is ``RSA``, ``EC`` or ``oct``. Every member
     is bounded by the key's size (an RSA modulus the caller has bounded, the curve, or AES sizes) before use."""
     if family == "oct":
@@ -116,8 +119,7 @@ def private_key_from_jwk(jwk: Dict[str, Any], family: str) -> PrivateKey:
             dp = v["dp"] if "dp" in v else rsa.rsa_crt_dmp1(d, p)
             dq = v["dq"] if "dq" in v else rsa.rsa_crt_dmq1(d, q)
             qi = v["qi"] if "qi" in v else rsa.rsa_crt_iqmp(p, q)
-            public = rsa.RSAPublicNumbers(e, n)
-            return rsa.RSAPrivateNumbers(p, q, d, dp, dq, qi, public).private_key()
+            return (workers or INLINE).rsa_private_key((p, q, d, dp, dq, qi, e, n))
         crv = jwk.get("crv")
         if crv not in CURVES:
             raise BadParameter(f"Invalid curve name: {crv!r}. Supported curves: {', '.join(CURVES)}.")
@@ -160,6 +162,7 @@ def generate_key(
     public_exponent: Optional[int],
     crv: Optional[str],
     managed_hsm: bool = False,
+    workers: Optional[CryptoWorkers] = None,
 ) -> PrivateKey:
     """Generate a private key as a Premium vault (or a Managed HSM) would; BadParameter for what it rejects."""
     family = KEY_TYPES[check_kty(kty, managed_hsm)]
@@ -172,17 +175,17 @@ def generate_key(
         exponent = 65537 if public_exponent is None else public_exponent
         if exponent not in RSA_EXPONENTS:
             raise BadParameter(f"Invalid public exponent: {exponent}. Supported values: 3, 65537.")
-        return rsa.generate_private_key(public_exponent=exponent, key_size=size)
+        return (workers or INLINE).generate_rsa(size, exponent)
     curve = "P-256" if crv is None else crv
     if curve not in CURVES:
         raise BadParameter(f"Invalid curve name: {curve!r}. Supported curves: {', '.join(CURVES)}.")
     return ec.generate_private_key(CURVES[curve])
 
 
-def regenerate_key(kty: str, key: PrivateKey) -> PrivateKey:
+def regenerate_key(kty: str, key: PrivateKey, workers: Optional[CryptoWorkers] = None) -> PrivateKey:
     """A fresh private key of type ``kty`` and of the same size or curve (and public exponent) as ``key``."""
     if isinstance(key, bytes):  # oct-HSM: only a Managed HSM has them
         return generate_key(kty, len(key) * 8, None, None, managed_hsm=True)
     if isinstance(key, rsa.RSAPrivateKey):
-        return generate_key(kty, key.key_size, key.public_key().public_numbers().e, None)
+        return generate_key(kty, key.key_size, key.public_key().public_numbers().e, None, workers=workers)
     return generate_key(kty, None, None, curve_name(key))

@@ -37,6 +37,7 @@ from .jwk import (
     regenerate_key,
     rsa_modulus_bits,
 )
+from .workers import CryptoWorkers
 
 KEY_OPS = ("encrypt", "decrypt", "sign", "verify", "wrapKey", "unwrapKey", "import", "export")
 DEFAULT_OPS = {
@@ -277,7 +278,9 @@ def make_rotation_policy(
     return RotationPolicy(list(actions), expiry_time, now, now)
 
 
-def key_from_jwk(jwk: Dict[str, Any], hsm: bool, managed_hsm: bool = False) -> Tuple[str, PrivateKey]:
+def key_from_jwk(
+    jwk: Dict[str, Any], hsm: bool, managed_hsm: bool = False, workers: Optional[CryptoWorkers] = None
+) -> Tuple[str, PrivateKey]:
     """The stored key type and private key for an imported JWK."""
     kty = check_kty(jwk.get("kty"), managed_hsm)
     if jwk.get("key_hsm"):
@@ -289,7 +292,7 @@ def key_from_jwk(jwk: Dict[str, Any], hsm: bool, managed_hsm: bool = False) -> T
     size = rsa_modulus_bits(jwk) if family == "RSA" else None
     if size is not None and size not in RSA_SIZES:
         raise BadParameter(f"Invalid key size: {size}. RSA keys must be 2048, 3072 or 4096 bits.")
-    key = private_key_from_jwk(jwk, family)
+    key = private_key_from_jwk(jwk, family, workers)
     return (f"{family}-HSM" if hsm or kty.endswith("-HSM") else family), key
 
 
@@ -331,6 +334,7 @@ class KeyStore(WriteOrdering):
         self._deleting: Dict[str, Pending] = {}
         self._recovering: Dict[str, Pending] = {}
         WriteOrdering.__init__(self)
+        self.workers = CryptoWorkers()
 
     def load(self, keys: Iterable[KeyRecord], deleted: Iterable[DeletedKey], journal: Journal) -> None:
         """Replace every key with these, and record each change from now on in ``journal``."""
@@ -373,6 +377,10 @@ class KeyStore(WriteOrdering):
         if deleted is not None:
             deleted = replace(deleted, record=_snapshot(deleted.record))
         return (None if record is None else _snapshot(record)), deleted
+
+    def close(self) -> None:
+        """Stop the worker processes, if any started; a later request starts them again."""
+        self.workers.close()
 
     @property
     def recovery_level(self) -> str:
@@ -462,7 +470,7 @@ class KeyStore(WriteOrdering):
             for record, template, policy, dues in claimed:
                 lower = record.name.lower()
                 try:
-                    keys = [regenerate_key(template.kty, template.private_key) for _ in dues]
+                    keys = [regenerate_key(template.kty, template.private_key, self.workers) for _ in dues]
                 except VaultError:  # a key the vault cannot make again (e.g. an imported odd exponent)
                     keys = []
                 with self._lock:
@@ -750,7 +758,7 @@ class KeyStore(WriteOrdering):
             template = record.current()
         # Generating is slow, so it happens outside the lock, as for create; the key must still be the
         # one it started on: 404 if it is gone, 409 if the name is now another key's.
-        private_key = regenerate_key(template.kty, template.private_key)
+        private_key = regenerate_key(template.kty, template.private_key, self.workers)
         with self._locked(name):
             now = self._catch_up()
             if self._record(name) is not record:
@@ -819,7 +827,7 @@ class KeyStore(WriteOrdering):
             data = json.loads(self._aead.decrypt(nonce, sealed, _BACKUP_MAGIC))
         except InvalidTag:
             raise invalid from None
-        return record_from_dict(data)
+        return record_from_dict(data, trusted=True)  # sealed by a vault, checked when it was made
 
 
 def record_to_dict(record: KeyRecord) -> Dict[str, Any]:
@@ -844,14 +852,15 @@ def record_to_dict(record: KeyRecord) -> Dict[str, Any]:
     return {"name": record.name, "latest": record.latest, "versions": versions, "policy": policy}
 
 
-def record_from_dict(data: Dict[str, Any]) -> KeyRecord:
-    """Inverse of record_to_dict; consumes ``data``."""
+def record_from_dict(data: Dict[str, Any], trusted: bool = False) -> KeyRecord:
+    """Inverse of record_to_dict; consumes ``data``. ``trusted``: RSA keys from a sealed backup, which a
+    vault made and checked, skip cryptography's check (slow, and it holds the GIL)."""
     record = KeyRecord(name=data["name"], latest=data["latest"])
     if data.get("policy") is not None:
         actions = [LifetimeAction(**a) for a in data["policy"].pop("lifetime_actions")]
         record.policy = RotationPolicy(actions, **data["policy"])
     for v in data["versions"]:
-        key = _opened_key_material(v)
+        key = _opened_key_material(v, trusted)
         record.versions[v["version"]] = KeyVersion(name=record.name, private_key=key, **v)
     return record
 
@@ -866,8 +875,9 @@ def _sealed_key_material(key: PrivateKey) -> Dict[str, str]:
     return {"pkcs8": b64url_encode(der)}
 
 
-def _opened_key_material(version: Dict[str, Any]) -> PrivateKey:
+def _opened_key_material(version: Dict[str, Any], trusted: bool = False) -> PrivateKey:
     """Inverse of _sealed_key_material; removes the key material from ``version``."""
     if "oct" in version:
         return b64url_decode(version.pop("oct"))
-    return serialization.load_der_private_key(b64url_decode(version.pop("pkcs8")), password=None)  # type: ignore[return-value]
+    der = b64url_decode(version.pop("pkcs8"))
+    return serialization.load_der_private_key(der, None, unsafe_skip_rsa_key_validation=trusted)  # type: ignore[return-value]

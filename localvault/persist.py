@@ -433,12 +433,16 @@ class PersistedClock(Clock):
         minutes: float = 0,
         seconds: float = 0,
     ) -> float:
+        step = (delta or timedelta()) + timedelta(days=days, hours=hours, minutes=minutes, seconds=seconds)
         with self._persist_lock:
-            offset = super().advance(delta, days=days, hours=hours, minutes=minutes, seconds=seconds)
-            self._save(offset)
+            offset = self._moved(step)
+            self._save(offset)  # first: a move that cannot be written changes nothing
+            with self._lock:
+                self._offset = offset
             return offset
 
     def reset(self) -> None:
         with self._persist_lock:
-            super().reset()
-            self._save(0.0)
+            if self._offset != 0.0:
+                self._save(0.0)
+                super().reset()

@@ -237,6 +237,7 @@ def create_key(req: Request, name: str) -> Response:
         _field(body, "public_exponent", int),
         _field(body, "crv", str),
         managed_hsm=req.store.managed_hsm,
+        workers=req.store.workers,
     )
     key = req.store.add_version(name, kty, private_key, key_ops=key_ops, tags=tags, **attributes)
     return 200, key_bundle(req, key)
@@ -252,7 +253,7 @@ def import_key(req: Request, name: str) -> Response:
         _field(jwk, member, str)
     hsm = bool(_field(body, "Hsm", bool))
     key_ops, tags, attributes = _key_ops(jwk), _tags(body), _attributes(body)
-    kty, private_key = key_from_jwk(jwk, hsm, managed_hsm=req.store.managed_hsm)
+    kty, private_key = key_from_jwk(jwk, hsm, managed_hsm=req.store.managed_hsm, workers=req.store.workers)
     key = req.store.add_version(name, kty, private_key, key_ops=key_ops, tags=tags, **attributes)
     return 200, key_bundle(req, key)
 

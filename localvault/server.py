@@ -133,7 +133,8 @@ class VaultHandler(Handler):
                 f"Consider using the latest supported version ({LATEST_API_VERSION})."
             )
         route, params = urls.resolve(self.command, split.path)
-        self.server.controls.check(route)
+        self.server.controls.inject_fault(route)
+        self.server.controls.authorize(route)
         request = Request(
             self.server.store, self.server.base_url, split.path.rstrip("/"), api_version, query, body
         )

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import secrets
+import threading
 import time
 import uuid
-from typing import Iterable, Optional, Union
+from collections import OrderedDict
+from typing import Iterable, Optional, Tuple, Union
 
 import jwt
 
@@ -15,6 +17,8 @@ ISSUER = "https://localvault.invalid/"
 TENANT_ID = "00000000-0000-0000-0000-00000000abcd"
 TOKEN_LIFETIME = 3600
 _ALGORITHM = "HS256"
+MAX_CACHED = 1024  # verified tokens whose claims are kept, the least recently used dropped first
+_now = time.time  # what expiry is checked against, as PyJWT checks it
 
 
 class TokenIssuer:
@@ -29,6 +33,9 @@ class TokenIssuer:
         self._secret = secret or secrets.token_bytes(32)
         self.lifetime = lifetime
         self.principal_id = principal_id or str(uuid.uuid4())
+        # token -> (audiences, not before, expiry) of a token whose signature and issuer were verified
+        self._verified: OrderedDict[str, Tuple[Tuple[str, ...], float, float]] = OrderedDict()
+        self._lock = threading.Lock()
 
     def issue(self, audience: str, now: Optional[float] = None, lifetime: Optional[int] = None) -> tuple:
         """A signed token and its expiry (Unix seconds)."""
@@ -47,15 +54,35 @@ class TokenIssuer:
         return jwt.encode(claims, self._secret, algorithm=_ALGORITHM), expires
 
     def verify(self, token: str, audience: Union[str, Iterable[str]] = VAULT_RESOURCE) -> bool:
-        try:
-            jwt.decode(
-                token,
-                self._secret,
-                algorithms=[_ALGORITHM],
-                audience=audience,
-                issuer=ISSUER,
-                options={"require": ["exp", "aud", "iss"]},
-            )
-        except jwt.PyJWTError:
+        """Signature, issuer, audience and expiry. The signature is checked once per token, its claims
+        kept until it expires; audience and time are checked on every use."""
+        wanted = {audience} if isinstance(audience, str) else set(audience)
+        with self._lock:
+            claims = self._verified.get(token)
+            if claims is not None:
+                self._verified.move_to_end(token)
+        if claims is None:
+            try:
+                decoded = jwt.decode(
+                    token,
+                    self._secret,
+                    algorithms=[_ALGORITHM],
+                    audience=list(wanted),
+                    issuer=ISSUER,
+                    options={"require": ["exp", "aud", "iss"]},
+                )
+            except jwt.PyJWTError:
+                return False
+            aud = decoded["aud"]
+            claims = ((aud,) if isinstance(aud, str) else tuple(aud), decoded.get("nbf", 0), decoded["exp"])
+            with self._lock:
+                self._verified[token] = claims
+                if len(self._verified) > MAX_CACHED:
+                    self._verified.popitem(last=False)
+        audiences, not_before, expires = claims
+        now = _now()
+        if now >= expires:
+            with self._lock:
+                self._verified.pop(token, None)
             return False
-        return True
+        return now >= not_before and not wanted.isdisjoint(audiences)

@@ -227,6 +227,7 @@ class LocalVault:
             thread.join()
         self._threads.clear()
         self._close_servers()
+        self.store.close()
         if self._dir:
             shutil.rmtree(self._dir, ignore_errors=True)
             self._dir = None

@@ -57,6 +57,7 @@ def test_an_unbound_vault_server_serves_a_connection_handed_to_it(localvault: Lo
         client.close()
         serving.join(30)
         assert not serving.is_alive()
+        assert unbound.is_idle()  # it listens nowhere: only its connections count
     finally:
         unbound.server_close()
 
@@ -95,22 +96,24 @@ def _identity_get(vault: LocalVault) -> bytes:
 def test_unfinished_heads_never_lock_out_a_client_with_a_whole_request():
     with LocalVault(max_connections=4) as vault:
         token = vault.credential().get_token(VAULT_SCOPE).token
+        ports = [
+            (
+                lambda: _tls(vault),
+                b"GET /keys?api-version=7.5 HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ",
+                _get(token),
+            ),
+            (lambda: _identity(vault), b"GET /msi/token HTTP/1.1\r\nX-Slow: ", _identity_get(vault)),
+        ]
         loris = []
         try:
-            for _ in range(8):  # twice the cap, each sending a head that never ends
-                sock = _tls(vault)
-                sock.sendall(b"GET /keys?api-version=7.5 HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
-                loris.append(sock)
-            for _ in range(3):
-                with _tls(vault) as fresh:
-                    assert _response_of(fresh, _get(token))[0] == 200
-            for _ in range(8):
-                sock = _identity(vault)
-                sock.sendall(b"GET /msi/token HTTP/1.1\r\nX-Slow: ")
-                loris.append(sock)
-            for _ in range(3):
-                with _identity(vault) as fresh:
-                    assert _response_of(fresh, _identity_get(vault))[0] == 200
+            for connect, unfinished, whole in ports:
+                for _ in range(8):  # twice the cap, each sending a head that never ends
+                    sock = connect()
+                    sock.sendall(unfinished)
+                    loris.append(sock)
+                for _ in range(3):
+                    with connect() as fresh:
+                        assert _response_of(fresh, whole)[0] == 200
         finally:
             for sock in loris:
                 sock.close()

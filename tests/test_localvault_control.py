@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import socket
@@ -15,7 +16,11 @@ import requests
 
 from localvault import LocalVault
 from localvault.cli import build_parser, read_exports
-from localvault.control import CONTROL_ROUTES, KEY_PERMISSIONS
+from localvault.clock import MAX_CLOCK
+from localvault.control import CONTROL_ROUTES, KEY_PERMISSIONS, Controls
+from localvault.exceptions import Forbidden, ServiceUnavailable
+from localvault.persist import DataDir
+from localvault.urls import resolve
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EC_BODY = {"kty": "EC", "crv": "P-256"}
@@ -279,3 +284,89 @@ def test_readme_documents_each_control_option_in_the_words_of_help():
         option = action.option_strings[0]
         assert " ".join(help_text.split()) in text, option
         assert any(option in example.split() for example in examples), option
+
+
+# -- failures inside the control API ------------------------------------------------------------------
+
+FULL_DISK = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def _full_disk(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every later write to the data directory fails as on a full disk (removing files still works)."""
+
+    def write(self: DataDir, relative: str, data: bytes) -> None:
+        raise FULL_DISK
+
+    monkeypatch.setattr(DataDir, "_write", write)
+
+
+def test_an_unexpected_error_in_the_control_api_is_a_500_in_the_services_json(localvault, monkeypatch):
+    def broken(self: Controls) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(Controls, "describe_faults", broken)
+    response = control(localvault, "GET", "faults")
+    assert response.status_code == 500
+    assert response.json()["error"]["code"] == "InternalServerError"
+    assert "a bug" not in response.text
+    assert control(localvault, "GET", "clock").status_code == 200  # and it keeps serving
+
+
+def test_the_clock_cannot_pass_the_year_9000_and_get_clock_keeps_answering(localvault):
+    with pytest.raises(ValueError, match="year 9000"):
+        localvault.clock.advance(days=365 * 8000)
+    assert localvault.clock.offset == 0
+    localvault.clock.advance(seconds=MAX_CLOCK - localvault.clock.now() - 60)
+    state = control(localvault, "GET", "clock").json()
+    assert state["time"].startswith("8999-12-31T") or state["time"].startswith("9000-")
+    localvault.reset()
+
+
+def test_a_clock_advance_that_cannot_be_written_changes_nothing(tmp_path, monkeypatch):
+    with LocalVault(data_dir=str(tmp_path / "vault"), data_key="passphrase") as vault:
+        vault.clock.advance(hours=1)
+        _full_disk(monkeypatch)
+        response = control(vault, "POST", "clock", json={"advance": "P1D"})
+        assert response.status_code == 500, response.text
+        assert response.json()["error"]["message"].startswith("The clock was not moved")
+        assert os.strerror(errno.ENOSPC) in response.json()["error"]["message"]
+        assert control(vault, "GET", "clock").json()["offset"] == 3600
+        with pytest.raises(OSError):
+            vault.clock.advance(days=1)
+        assert vault.clock.offset == 3600
+        monkeypatch.undo()
+    with LocalVault(data_dir=str(tmp_path / "vault"), data_key="passphrase") as vault:
+        assert vault.clock.offset == 3600
+
+
+def test_reset_on_a_full_disk_changes_nothing_and_says_so(tmp_path, monkeypatch, unique_key_name):
+    data_dir = str(tmp_path / "vault")
+    with LocalVault(data_dir=data_dir, data_key="passphrase") as vault:
+        vault.key_client().create_ec_key(unique_key_name)
+        vault.clock.advance(days=1)
+        vault.set_key_permissions(["get"])
+        _full_disk(monkeypatch)
+        response = control(vault, "POST", "reset")
+        assert response.status_code == 500, response.text
+        assert response.json()["error"]["message"].startswith("Nothing was reset")
+        assert vault.key_client().get_key(unique_key_name).name == unique_key_name
+        assert vault.clock.offset == 86400
+        assert vault.key_permissions == ["get"]
+        monkeypatch.undo()
+        assert control(vault, "POST", "reset").status_code == 204
+        assert os.listdir(os.path.join(data_dir, "keys")) == []
+    with LocalVault(data_dir=data_dir, data_key="passphrase") as vault:
+        assert vault.clock.offset == 0 and not list(vault.key_client().list_properties_of_keys())
+
+
+def test_faults_are_injected_before_permissions_are_checked(unique_key_name):
+    with LocalVault(key_permissions=[]) as vault:
+        route = resolve("GET", f"/keys/{unique_key_name}")[0]
+        vault.fail_next(1, "503")
+        with pytest.raises(ServiceUnavailable):
+            vault.controls.inject_fault(route)
+        vault.controls.inject_fault(route)  # the fault is spent; no permission is checked here
+        with pytest.raises(Forbidden):
+            vault.controls.authorize(route)
+        vault.set_key_permissions(["get"])
+        vault.controls.authorize(route)

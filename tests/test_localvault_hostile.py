@@ -377,7 +377,9 @@ def test_a_malformed_header_line_is_400_and_the_connection_ends(localvault, line
     token = _token(localvault)
     smuggled = _request("DELETE", "/keys/smuggled?api-version=7.5", token=token)
     head = (
-        b"POST /keys/k/create?api-version=7.5 HTTP/1.1\r\nHost: x\r\n" + line + b"\r\n"
+        b"POST /keys/k/create?api-version=7.5 HTTP/1.1\r\nHost: x\r\n"
+        + line
+        + b"\r\n"
         + f"Authorization: Bearer {token}\r\nContent-Length: 0\r\n\r\n".encode()
     )
     for sock, target in ((_tls(localvault), b"/keys/k/create"), (_identity(localvault), b"/msi/token")):

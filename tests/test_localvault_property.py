@@ -3,14 +3,16 @@ in the service's error format, and keeps serving."""
 
 from __future__ import annotations
 
+import contextlib
 import http.client
+import io
 import json
 import math
 import re
 import socket
 import ssl
-from typing import Any, Tuple
-from urllib.parse import quote, urlencode
+from typing import Any, List, Tuple
+from urllib.parse import quote, urlencode, urlsplit
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -157,3 +159,121 @@ def test_no_request_to_any_route_gets_a_5xx(localvault, key_client, unique_key_n
     # and a normal request still works afterwards
     key = key_client.create_ec_key(unique_key_name)
     assert key_client.get_key(unique_key_name).id == key.id
+
+
+# -- raw framing ------------------------------------------------------------------------------------
+
+FRAMING = settings(PER_ROUTE, max_examples=60)
+_CRLF = st.sampled_from([b"\r\n", b"\r\n", b"\r\n", b"\n", b"\r"])
+_VERSIONS = st.sampled_from([b"HTTP/1.1", b"HTTP/1.1", b"HTTP/1.0", b"HTTP/2.0", b"HTTP/9.9", b"HTTP/1", b""])
+_HEADER_LINES = st.one_of(
+    st.sampled_from(
+        [
+            b"Content-Length: 0",
+            b"Content-Length: 5",
+            b"Content-Length: -1",
+            b"Content-Length: 5, 5",
+            b"Content-Length : 5",
+            b"Transfer-Encoding: chunked",
+            b"Transfer-Encoding : chunked",
+            b"Transfer-Encoding: identity",
+            b"Expect: 100-continue",
+            b"Connection: keep-alive",
+            b"no colon",
+            b": no name",
+            b" folded: line",
+            b"X-A: b\r\n  continued",
+            b"X-Nul: \x00",
+        ]
+    ),
+    st.tuples(st.from_regex(_TOKEN, fullmatch=True), _HEADER_VALUE).map(
+        lambda header: f"{header[0]}: {header[1]}".encode("latin-1")
+    ),
+)
+
+
+@st.composite
+def raw_requests(draw: Any, target: bytes, authorization: bytes) -> Tuple[int, bytes]:
+    """One to three requests in one write, with whatever framing: how many, and their bytes. A body
+    the head does not frame is, rightly, read as a request of its own, but it never has credentials."""
+    count = draw(st.integers(1, 3))
+    data = b""
+    for _ in range(count):
+        method = draw(st.sampled_from([b"GET", b"POST", b"PUT", b"PRI", b"get", b""]))
+        version = draw(_VERSIONS)
+        line = b" ".join(part for part in (method, draw(st.sampled_from([target, b"*", b"/"])), version) if part)
+        end = draw(_CRLF)
+        headers = [b"Host: 127.0.0.1", authorization, *draw(st.lists(_HEADER_LINES, max_size=5))]
+        body = draw(st.sampled_from([b"", b"hello", b"5\r\nhello\r\n0\r\n\r\n", b"{}"]))
+        data += line + end + b"".join(header + end for header in headers) + end + body
+    return count, data
+
+
+class _Kept(io.BufferedReader):
+    def close(self) -> None:  # http.client closes its file after each body; the next answer follows
+        pass
+
+
+class _Recorded:
+    """Bytes received, read back as responses by http.client."""
+
+    def __init__(self, data: bytes) -> None:
+        self.file = _Kept(io.BytesIO(data))  # type: ignore[arg-type]
+
+    def makefile(self, *_: Any) -> Any:
+        return self.file
+
+
+def _responses(data: bytes) -> List[Tuple[int, bytes]]:
+    recorded, answers = _Recorded(data), []
+    while recorded.file.peek(1):
+        response = http.client.HTTPResponse(recorded, method="GET")  # type: ignore[arg-type]
+        response.begin()
+        answers.append((response.status, response.read()))
+    return answers
+
+
+def _until_eof(sock: socket.socket) -> bytes:
+    received = b""
+    # TLS may end with an alert after a half-close: what came before it is what the server answered
+    with contextlib.suppress(ConnectionResetError, ssl.SSLError):
+        while chunk := sock.recv(65536):
+            received += chunk
+    return received
+
+
+@pytest.mark.parametrize("port", ["vault", "identity"])
+def test_raw_framing_never_gets_a_5xx_or_more_answers_than_requests(localvault, port):
+    token = localvault.credential().get_token("https://vault.azure.net/.default").token
+    if port == "vault":
+        target, authorization = b"/keys?api-version=7.5", f"Authorization: Bearer {token}".encode()
+    else:
+        secret = localvault.environ()["IDENTITY_HEADER"]
+        target = b"/msi/token?api-version=2019-08-01&resource=https://vault.azure.net"
+        authorization = f"X-IDENTITY-HEADER: {secret}".encode()
+
+    @FRAMING
+    @given(request=raw_requests(target, authorization))
+    def answers_in_frame(request: Tuple[int, bytes]) -> None:
+        count, data = request
+        if port == "vault":
+            context = ssl.create_default_context(cafile=localvault.ca_file)
+            raw_sock = socket.create_connection(("127.0.0.1", localvault.port), timeout=30)
+            sock: socket.socket = context.wrap_socket(raw_sock, server_hostname="127.0.0.1")
+        else:
+            sock = socket.create_connection(("127.0.0.1", urlsplit(localvault.identity_endpoint).port), timeout=30)
+        with sock:
+            sock.sendall(data)
+            socket.socket.shutdown(sock, socket.SHUT_WR)  # no more requests: the server ends the connection
+            received = _until_eof(sock)
+        answers = _responses(received)
+        assert len(answers) <= 2 * count, (data, received[:500])  # each head, and its body at most
+        assert sum(status < 300 for status, _ in answers) <= count, (data, received[:500])
+        for status, body in answers:
+            assert status < 500, (data, status, body[:300])
+            if status >= 400 and body:
+                payload = json.loads(body)
+                assert isinstance(payload["error"]["message"] if port == "vault" else payload["message"], str)
+
+    answers_in_frame()
+    assert localvault.credential().get_token("https://vault.azure.net/.default").token
