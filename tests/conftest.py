@@ -126,12 +126,14 @@ VAULT_VARIABLE_PREFIXES = ("KEY_VAULT_", "IDENTITY_", "LOCALVAULT_", "AZURE_", "
 
 @pytest.fixture
 def clean_env() -> Dict[str, str]:
-    """A copy of os.environ without vault, identity, Azure or proxy variables, with DefaultAzureCredential kept to
+    """A copy of os.environ without vault, identity, Azure, proxy or CA-bundle variables, with DefaultAzureCredential kept to
     developer tools (AZURE_TOKEN_CREDENTIALS=dev): for a subprocess, or for this process through use_env()."""
     env = {
         name: value
         for name, value in os.environ.items()
-        if not name.upper().startswith(VAULT_VARIABLE_PREFIXES) and not name.upper().endswith("_PROXY")
+        if not name.upper().startswith(VAULT_VARIABLE_PREFIXES)
+        and not name.upper().endswith("_PROXY")
+        and name not in EXPORTED_NAMES
     }
     env["AZURE_TOKEN_CREDENTIALS"] = "dev"
     return env
