@@ -32,7 +32,7 @@ import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Set, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Set
 
 import requests
 
@@ -55,7 +55,9 @@ CARRIED = {"kid", "value", "iv", "tag"}  # recorded values mapped onto live ones
 HEADERS_BOTH_WAYS = ("content-type", "www-authenticate", "x-ms-keyvault-service-version")
 HEADERS_WHERE_RECORDED = ("x-ms-server-latency", "x-ms-request-id", "x-ms-keyvault-region", "retry-after")
 _HOST = re.compile(r"https://[^/\s'\"]+?(?::443)?(?=/|$|[\s'\"])")
-_BARE_GUID_BASE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}(?=(?:deleted)?keys/)")
+_BARE_GUID_BASE = re.compile(
+    r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}(?=(?:deleted)?keys/)"
+)
 _VERSION = re.compile(r"\b[0-9a-f]{32}\b")
 _ACTIVITY_ID = re.compile(r" \(Activity ID: [0-9A-Za-z-]+\)$")
 _TENANT = re.compile(r'authorization="https://login\.(?:microsoftonline\.com|windows\.net)/[^"]*"')
@@ -133,7 +135,9 @@ def polls(entries: Sequence[Dict[str, Any]]) -> Set[int]:
 
 def _api_version(recording: Dict[str, Any]) -> str:
     for entry in recording["entries"]:
-        attributes = entry["response_body"].get("attributes") if isinstance(entry["response_body"], dict) else None
+        attributes = (
+            entry["response_body"].get("attributes") if isinstance(entry["response_body"], dict) else None
+        )
         if isinstance(attributes, dict) and "recoverableDays" in attributes:
             return NOCK_API_VERSION
     return OLD_API_VERSION
@@ -215,8 +219,13 @@ class Replayer:
         if entry["method"] == "PUT" and re.fullmatch(r"/keys/[^/]+", entry["path"]):
             state.imported.add(entry["path"].split("/")[2].lower())
         response = self.session.request(
-            entry["method"], vault.url + path, params=query, data=data, headers=headers,
-            verify=vault.ca_file, timeout=60,
+            entry["method"],
+            vault.url + path,
+            params=query,
+            data=data,
+            headers=headers,
+            verify=vault.ca_file,
+            timeout=60,
         )
         live = _live_body(response)
         recorded = entry["response_body"]
@@ -244,25 +253,36 @@ class Replayer:
         differences = []
         for name in HEADERS_BOTH_WAYS:
             if (name in recorded) != (name in live):
-                differences.append(f"header {name} {'missing' if name in recorded else 'sent'}, recorded "
-                                   f"{'with' if name in recorded else 'without'} it")
+                differences.append(
+                    f"header {name} {'missing' if name in recorded else 'sent'}, recorded "
+                    f"{'with' if name in recorded else 'without'} it"
+                )
         for name in HEADERS_WHERE_RECORDED:
             if name in recorded and name not in live:
                 differences.append(f"header {name} missing")
-        if "content-type" in recorded and "content-type" in live:
-            if recorded["content-type"].split(";")[0] != live["content-type"].split(";")[0]:
-                differences.append(f"content-type {live['content-type']}, recorded {recorded['content-type']}")
+        if (
+            "content-type" in recorded
+            and "content-type" in live
+            and recorded["content-type"].split(";")[0] != live["content-type"].split(";")[0]
+        ):
+            differences.append(f"content-type {live['content-type']}, recorded {recorded['content-type']}")
         if "www-authenticate" in recorded and "www-authenticate" in live:
             want = _TENANT.sub("authorization=T", recorded["www-authenticate"])
             got = _TENANT.sub("authorization=T", live["www-authenticate"])
             if want != got:
-                differences.append(f"www-authenticate {live['www-authenticate']!r}, recorded {recorded['www-authenticate']!r}")
+                differences.append(
+                    f"www-authenticate {live['www-authenticate']!r}, recorded {recorded['www-authenticate']!r}"
+                )
         return differences
 
 
 def _compare_error(recorded: Any, live: Any) -> List[str]:
     if not isinstance(recorded, dict) or not isinstance(recorded.get("error"), dict):
-        return [] if recorded == live else [f"body {json.dumps(live)[:160]}, recorded {json.dumps(recorded)[:160]}"]
+        return (
+            []
+            if recorded == live
+            else [f"body {json.dumps(live)[:160]}, recorded {json.dumps(recorded)[:160]}"]
+        )
     if not isinstance(live, dict) or not isinstance(live.get("error"), dict):
         return [f"body {json.dumps(live)[:160]}, recorded an error"]
     want, got = recorded["error"], live["error"]
@@ -298,7 +318,9 @@ def _compare(recorded: Any, live: Any, where: str, entry: Dict[str, Any], state:
         if extra:
             differences.append(f"{where or 'body'} has {', '.join(extra)}, not recorded")
         for member in sorted(set(recorded) & set(live)):
-            differences.extend(_value(member, recorded[member], live[member], f"{where}.{member}".lstrip("."), entry, state))
+            differences.extend(
+                _value(member, recorded[member], live[member], f"{where}.{member}".lstrip("."), entry, state)
+            )
         return differences
     if isinstance(recorded, list):
         if not isinstance(live, list):
@@ -314,7 +336,9 @@ def _compare(recorded: Any, live: Any, where: str, entry: Dict[str, Any], state:
     return []
 
 
-def _value(member: str, recorded: Any, live: Any, where: str, entry: Dict[str, Any], state: _State) -> List[str]:
+def _value(
+    member: str, recorded: Any, live: Any, where: str, entry: Dict[str, Any], state: _State
+) -> List[str]:
     if member in TIMES and isinstance(recorded, int) and isinstance(live, int):
         return []
     if member == "key_ops" and isinstance(recorded, list) and isinstance(live, list):

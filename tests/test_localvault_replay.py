@@ -48,7 +48,9 @@ def _corpus_of(tmp_path: Path, *names: str) -> Path:
     return tmp_path
 
 
-def test_the_command_prints_a_line_per_recording_and_the_count(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_the_command_prints_a_line_per_recording_and_the_count(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     directory = _corpus_of(tmp_path, "js/get-missing-key-404.json", "net/get-missing-key-404-7.0.json")
     recording = json.loads((directory / "net/get-missing-key-404-7.0.json").read_text())
     recording["entries"][0]["status"] = 410  # what localvault does not answer
@@ -58,7 +60,9 @@ def test_the_command_prints_a_line_per_recording_and_the_count(tmp_path: Path, c
 
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == "match    js/get-missing-key-404.json"
-    assert lines[1].startswith("DIFFERS  net/get-missing-key-404-7.0.json: #0 GET /keys/526083110/: status 404, recorded 410")
+    assert lines[1].startswith(
+        "DIFFERS  net/get-missing-key-404-7.0.json: #0 GET /keys/526083110/: status 404, recorded 410"
+    )
     assert lines[-1] == "1/2 recordings match"
 
 
@@ -74,7 +78,19 @@ def test_a_changed_value_is_a_difference(tmp_path: Path) -> None:
 
 
 def test_polls_count_once_as_their_last_attempt() -> None:
-    poll = {"method": "GET", "path": "/deletedkeys/k", "query": {}, "request_body": None, "response_headers": {}}
+    poll = {
+        "method": "GET",
+        "path": "/deletedkeys/k",
+        "query": {},
+        "request_body": None,
+        "response_headers": {},
+    }
     challenge = dict(poll, status=401, response_headers={"www-authenticate": "Bearer"})
-    entries = [dict(poll, status=404), challenge, dict(poll, status=404), dict(poll, status=200), dict(poll, status=200)]
+    entries = [
+        dict(poll, status=404),
+        challenge,
+        dict(poll, status=404),
+        dict(poll, status=200),
+        dict(poll, status=200),
+    ]
     assert replay.polls(entries) == {0, 2}
