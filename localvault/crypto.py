@@ -63,6 +63,31 @@ PRIVATE_OPERATIONS = frozenset({"decrypt", "sign", "unwrapKey"})
 WINDOWED_OPERATIONS = frozenset({"encrypt", "sign", "wrapKey"})
 
 
+# How the service names EC signing algorithms and the curves each takes in its refusal of a mismatch;
+# ES256's words are recorded, the others follow their form.
+EC_SIGNATURE_WORDS = {
+    "ES256": ("ECDSA256", "'P-256' or 'SECP256K1'"),
+    "ES256K": ("ECDSA256K", "'P-256K'"),
+    "ES384": ("ECDSA384", "'P-384'"),
+    "ES512": ("ECDSA512", "'P-521'"),
+}
+
+
+class IncompatibleCurve(BadParameter):
+    """An EC signing algorithm for another curve; the service's message names the key's id."""
+
+    def __init__(self, alg: str, curve: str) -> None:
+        self.alg, self.curve = alg, curve
+        super().__init__(self.message_for("this key"))
+
+    def message_for(self, kid: str) -> str:
+        name, curves = EC_SIGNATURE_WORDS[self.alg]
+        return (
+            f"Key and signing algorithm are incompatible. Key {kid} uses curve '{self.curve}', "
+            f"and algorithm '{name}' can only be used with curve {curves}."
+        )
+
+
 class Encrypted(NamedTuple):
     value: bytes
     iv: Optional[bytes] = None
@@ -90,9 +115,7 @@ def check_algorithm(key: PrivateKey, operation: str, alg: str) -> None:
             f"Algorithm '{alg}' is not supported for the {operation} operation with a {kind} key."
         )
     if alg in EC_SIGNATURE and EC_SIGNATURE[alg] != curve_name(key):  # type: ignore[arg-type]
-        raise BadParameter(
-            f"Algorithm '{alg}' needs a key on curve {EC_SIGNATURE[alg]}; this key is on {curve_name(key)}."  # type: ignore[arg-type]
-        )
+        raise IncompatibleCurve(alg, curve_name(key))  # type: ignore[arg-type]
     needed = {**AES_GCM, **AES_CBC, **AES_CBCPAD, **AES_KW}.get(alg)
     if needed is not None and len(key) != needed:  # type: ignore[arg-type]
         raise BadParameter(
@@ -166,8 +189,8 @@ def _aes_encrypt(
     if alg in AES_CBCPAD:
         padder = block_padding.PKCS7(128).padder()
         plaintext = padder.update(plaintext) + padder.finalize()
-    elif len(plaintext) % 16:
-        raise BadParameter(f"{alg} encrypts whole 16-byte blocks; the value has {len(plaintext)} bytes.")
+    else:  # no padding: a partial last block is filled with zero bytes, as a Managed HSM does
+        plaintext += b"\0" * (-len(plaintext) % 16)
     encryptor = _cbc(key, iv).encryptor()
     return Encrypted(encryptor.update(plaintext) + encryptor.finalize(), iv)
 

@@ -22,6 +22,10 @@ class VaultError(Exception):
         self.message = message
         self.inner_code = inner_code
 
+    def for_managed_hsm(self, base_url: str, path: str) -> VaultError:
+        """The same failure in a Managed HSM's words (``path``: the request's, without the query)."""
+        return self
+
     def body(self) -> dict:
         error: dict = {"code": self.code, "message": self.message}
         if self.inner_code:
@@ -34,6 +38,23 @@ class BadParameter(VaultError):
     code = "BadParameter"
 
 
+class MalformedBackupBlob(VaultError):
+    """A blob that is not a backup this vault can open; a Managed HSM takes it for another domain's."""
+
+    status = 400
+    code = "Malformed backup blob"
+
+    def __init__(self) -> None:
+        super().__init__("Backup blob contains invalid or corrupt version.")
+
+    def for_managed_hsm(self, base_url: str, path: str) -> VaultError:
+        error = VaultError(
+            "Backup blob belongs to a different crypto domain and cannot be used with this instance."
+        )
+        error.code = "MalformedBackupBlob"
+        return error
+
+
 class Unauthorized(VaultError):
     status = 401
     code = "Unauthorized"
@@ -43,16 +64,31 @@ class Forbidden(VaultError):
     status = 403
     code = "Forbidden"
 
+    permission = ""  # the key permission an access policy lacked
+
     @classmethod
     def access_denied(cls, permission: str, principal_id: str, tenant_id: str, vault: str) -> Forbidden:
         """The service's answer to a caller whose access policy lacks a key permission."""
-        return cls(
+        denied = cls(
             f"The user, group or application 'appid={principal_id};oid={principal_id};"
             f"iss=https://sts.windows.net/{tenant_id}/' does not have keys {permission} permission on key "
             f"vault '{vault}'. For help resolving this issue, please see "
             "https://go.microsoft.com/fwlink/?linkid=2125287",
             inner_code="AccessDenied",
         )
+        denied.permission = permission
+        return denied
+
+    def for_managed_hsm(self, base_url: str, path: str) -> VaultError:
+        if not self.permission:
+            return self
+        # Managed HSM grants data actions by local RBAC, on a scope: / , /keys or /keys/NAME
+        action = MANAGED_HSM_DATA_ACTIONS.get(self.permission.lower(), "keys/read/action")
+        parts = [p for p in path.split("/") if p][:2]
+        scope = "/keys" + (f"/{parts[1]}" if len(parts) == 2 and parts[0] in ("keys", "deletedkeys") else "")
+        error = VaultError(f"Not authorized to access Microsoft.KeyVault/managedHsm/{action} on {scope}")
+        error.status, error.code = 403, "AccessDenied"
+        return error
 
     @classmethod
     def purge_protected(cls, vault: str) -> Forbidden:
@@ -67,6 +103,31 @@ class Forbidden(VaultError):
         return cls("Hardware key operation not allowed on standard vault")
 
 
+# Managed HSM's local-RBAC data actions (Microsoft.KeyVault/managedHsm/...) for each key permission
+MANAGED_HSM_DATA_ACTIONS = {
+    "get": "keys/read/action",
+    "list": "keys/read/action",
+    "create": "keys/create",
+    "update": "keys/write/action",
+    "import": "keys/import/action",
+    "delete": "keys/delete",
+    "recover": "keys/deletedKeys/recover/action",
+    "purge": "keys/deletedKeys/delete",
+    "backup": "keys/backup/action",
+    "restore": "keys/restore/action",
+    "encrypt": "keys/encrypt/action",
+    "decrypt": "keys/decrypt/action",
+    "wrapkey": "keys/wrap/action",
+    "unwrapkey": "keys/unwrap/action",
+    "sign": "keys/sign/action",
+    "verify": "keys/verify/action",
+    "release": "keys/release/action",
+    "rotate": "keys/rotate/action",
+    "getrotationpolicy": "keys/read/action",
+    "setrotationpolicy": "keys/write/action",
+}
+
+
 class NotFound(VaultError):
     """An unknown path: the service's generic 404."""
 
@@ -77,20 +138,33 @@ class NotFound(VaultError):
 class KeyNotFound(VaultError):
     status = 404
     code = "KeyNotFound"
+    resource = ""  # keys/NAME[/VERSION] or deletedkeys/NAME: how a Managed HSM names what it did not find
+
+    @classmethod
+    def _of(cls, message: str, resource: str) -> KeyNotFound:
+        error = cls(message)
+        error.resource = resource
+        return error
 
     @classmethod
     def for_key(cls, name: str) -> KeyNotFound:
-        return cls(f"A key with (name/id) {name} was not found in this key vault. {KEY_NOT_FOUND_HELP}")
+        return cls._of(
+            f"A key with (name/id) {name} was not found in this key vault. {KEY_NOT_FOUND_HELP}", f"keys/{name}"
+        )
 
     @classmethod
     def for_version(cls, name: str, version: str) -> KeyNotFound:
-        return cls(
-            f"A key with (name/id) {name}/{version} was not found in this key vault. {KEY_NOT_FOUND_HELP}"
+        return cls._of(
+            f"A key with (name/id) {name}/{version} was not found in this key vault. {KEY_NOT_FOUND_HELP}",
+            f"keys/{name}/{version}",
         )
 
     @classmethod
     def deleted(cls, name: str) -> KeyNotFound:
-        return cls(f"Deleted Key not found: {name}")
+        return cls._of(f"Deleted Key not found: {name}", f"deletedkeys/{name}")
+
+    def for_managed_hsm(self, base_url: str, path: str) -> VaultError:
+        return KeyNotFound(f"Key not found: {base_url}/{self.resource}") if self.resource else self
 
 
 class MethodNotAllowed(VaultError):

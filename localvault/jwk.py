@@ -143,10 +143,8 @@ def private_key_from_jwk(
 def check_kty(kty: Any, managed_hsm: bool) -> str:
     if not isinstance(kty, str):
         raise BadParameter("The key type (kty) must be a string.")
-    if kty in MANAGED_HSM_TYPES and not managed_hsm:
-        raise BadParameter(f"Key type '{kty}' is only supported by Managed HSM, not by a key vault.")
-    if kty not in KEY_TYPES:
-        raise BadParameter(f"Invalid key type: {kty!r}. Supported key types: {', '.join(KEY_TYPES)}.")
+    if kty not in KEY_TYPES or (kty in MANAGED_HSM_TYPES and not managed_hsm):  # oct: Managed HSM only
+        raise BadParameter(f"Invalid kty value: {kty[:64]}", inner_code="KeyTypeNotSupported")
     return kty
 
 

@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from . import crypto
 from .clock import Clock
-from .exceptions import BadParameter, Conflict, Forbidden, KeyNotFound, VaultError
+from .exceptions import BadParameter, Conflict, Forbidden, KeyNotFound, MalformedBackupBlob, VaultError
 from .journal import Journal, WriteOrdering
 from .jwk import (
     KEY_TYPES,
@@ -43,7 +43,7 @@ KEY_OPS = ("encrypt", "decrypt", "sign", "verify", "wrapKey", "unwrapKey", "impo
 DEFAULT_OPS = {
     "RSA": ["encrypt", "decrypt", "sign", "verify", "wrapKey", "unwrapKey"],
     "EC": ["sign", "verify"],
-    "oct": ["encrypt", "decrypt", "sign", "verify", "wrapKey", "unwrapKey"],
+    "oct": ["encrypt", "decrypt", "wrapKey", "unwrapKey"],  # as a Managed HSM: no sign, no verify
 }
 MAX_TAGS = 15
 SECONDS_PER_DAY = 86400
@@ -819,7 +819,7 @@ class KeyStore(WriteOrdering):
             return record.current()
 
     def _open_backup(self, blob: bytes) -> KeyRecord:
-        invalid = BadParameter("Backup blob contains invalid or corrupt version.")
+        invalid = MalformedBackupBlob()
         if not blob.startswith(_BACKUP_MAGIC) or len(blob) < len(_BACKUP_MAGIC) + 12 + 16:
             raise invalid
         nonce, sealed = blob[len(_BACKUP_MAGIC) : len(_BACKUP_MAGIC) + 12], blob[len(_BACKUP_MAGIC) + 12 :]

@@ -9,7 +9,7 @@ from typing import Any, Dict, List, Optional, Tuple
 from urllib.parse import quote, urlsplit
 
 from . import crypto
-from .exceptions import BadParameter, VaultError
+from .exceptions import BadParameter, KeyNotFound, VaultError
 from .jwk import b64url_decode, b64url_encode, generate_key
 from .models import (
     ACTION_TYPES,
@@ -114,6 +114,38 @@ def _no_release_policy(body: Dict[str, Any]) -> None:
         raise BadParameter("Key release policies are not emulated by localvault.")
 
 
+def _check_release(req: Request, body: Dict[str, Any]) -> None:
+    """A new key: the service's refusals of an exportable key without a release policy and of a policy on
+    a key that is not exportable; both together would need release policies, which are not emulated."""
+    exportable = _field(_field(body, "attributes", dict) or {}, "exportable", bool)
+    policy = body.get("release_policy") is not None
+    hsm = req.store.managed_hsm
+    if exportable and not policy:
+        raise BadParameter(
+            "Exportable keys must have release policy" if hsm else "AKV.SKR.1004: Exportable keys must have release policy."
+        )
+    if policy and not exportable:
+        raise BadParameter(
+            "Non-exportable keys must not have release policy"
+            if hsm
+            else "AKV.SKR.1005: Non-exportable keys must not have release policy."
+        )
+    _no_release_policy(body)
+
+
+def _version_key(api_version: str) -> Tuple[int, int, int]:
+    """Api-versions in the order they were published: 2016-10-01, 7.0, 7.1-preview, 7.1, ..., 2025-07-01."""
+    match = re.match(r"^(\d+)\.(\d+)(-preview)?", api_version)
+    if match:
+        return int(match.group(1)), int(match.group(2)), -1 if match.group(3) else 0
+    year = int(api_version[:4]) if api_version[:4].isdigit() else 0
+    return (8, year, 0) if year >= 2025 else (0, year, 0)
+
+
+def _since(req: Request, api_version: str) -> bool:
+    return _version_key(req.api_version) >= _version_key(api_version)
+
+
 # -- serialising ---------------------------------------------------------------------------------
 
 
@@ -123,18 +155,19 @@ def _attributes_json(req: Request, key: KeyVersion) -> Dict[str, Any]:
         attributes["nbf"] = key.nbf
     if key.exp is not None:
         attributes["exp"] = key.exp
-    attributes.update(
-        created=key.created,
-        updated=key.updated,
-        recoveryLevel=req.store.recovery_level,
-        recoverableDays=req.store.retention_days,
-        exportable=False,
-        hsmPlatform="2" if key.hsm else "0",
-    )
-    if key.family == "RSA":
-        attributes["key_size"] = key.private_key.key_size
-    elif key.family == "oct":
-        attributes["key_size"] = len(key.private_key) * 8
+    attributes.update(created=key.created, updated=key.updated, recoveryLevel=req.store.recovery_level)
+    # What each api-version's answers carry, as recorded: recoverableDays since 7.1, exportable since
+    # 7.4 (a Managed HSM's since 7.2), hsmPlatform and key_size since 7.5.
+    if _since(req, "7.1-preview"):
+        attributes["recoverableDays"] = req.store.retention_days
+    if _since(req, "7.2-preview" if req.store.managed_hsm else "7.4-preview.1"):
+        attributes["exportable"] = False
+    if _since(req, "7.5-preview.1"):
+        attributes["hsmPlatform"] = "2" if key.hsm else "0"
+        if key.family == "RSA":
+            attributes["key_size"] = key.private_key.key_size
+        elif key.family == "oct":
+            attributes["key_size"] = len(key.private_key) * 8
     return attributes
 
 
@@ -151,6 +184,10 @@ def key_id(req: Request, key: KeyVersion) -> str:
 def key_bundle(req: Request, key: KeyVersion) -> Dict[str, Any]:
     jwk = {"kid": key_id(req, key), "kty": key.kty, "key_ops": key.key_ops}
     jwk.update(key.jwk)
+    if key.kty == "RSA-HSM" and not req.store.managed_hsm:  # a vault's HSM gives e in four bytes
+        e = key.private_key.public_key().public_numbers().e
+        if e < 2**32:
+            jwk["e"] = b64url_encode(e.to_bytes(4, "big"))
     return _with_tags({"key": jwk, "attributes": _attributes_json(req, key)}, key)
 
 
@@ -211,17 +248,27 @@ def _page(req: Request, items: List[Dict[str, Any]], marker: Optional[str], limi
             f"{_with_port(req.base_url)}{req.path}?api-version={quote(req.api_version)}"
             f"&$skiptoken={token}&maxresults={limit}"
         )
+    if next_link is None and req.store.managed_hsm:  # a Managed HSM's last page has no nextLink
+        return 200, {"value": items}
     return 200, {"value": items, "nextLink": next_link}
 
 
 # -- handlers ------------------------------------------------------------------------------------
 
 
+def _hsm_type(req: Request, kty: str) -> str:
+    """A Managed HSM keeps every key in its HSM: it answers kty RSA, EC or oct (or AES) as RSA-HSM, EC-HSM,
+    oct-HSM."""
+    if req.store.managed_hsm and kty in ("RSA", "EC", "oct", "AES"):
+        return "oct-HSM" if kty == "AES" else f"{kty}-HSM"
+    return kty
+
+
 def create_key(req: Request, name: str) -> Response:
     _name(name)
     body = req.json()
-    _no_release_policy(body)
-    kty = _field(body, "kty", str, required=True)
+    _check_release(req, body)
+    kty = _hsm_type(req, _field(body, "kty", str, required=True))
     key_ops, tags, attributes = (
         validate_key_ops(_key_ops(body)),
         validate_tags(_tags(body)),
@@ -246,7 +293,7 @@ def create_key(req: Request, name: str) -> Response:
 def import_key(req: Request, name: str) -> Response:
     _name(name)
     body = req.json()
-    _no_release_policy(body)
+    _check_release(req, body)
     jwk = _field(body, "key", dict, required=True)
     _field(jwk, "kty", str, required=True)
     for member in ("crv", "n", "e", "d", "p", "q", "dp", "dq", "qi", "x", "y", "k", "key_hsm"):
@@ -254,7 +301,7 @@ def import_key(req: Request, name: str) -> Response:
     hsm = bool(_field(body, "Hsm", bool))
     key_ops, tags, attributes = _key_ops(jwk), _tags(body), _attributes(body)
     kty, private_key = key_from_jwk(jwk, hsm, managed_hsm=req.store.managed_hsm, workers=req.store.workers)
-    key = req.store.add_version(name, kty, private_key, key_ops=key_ops, tags=tags, **attributes)
+    key = req.store.add_version(name, _hsm_type(req, kty), private_key, key_ops=key_ops, tags=tags, **attributes)
     return 200, key_bundle(req, key)
 
 
@@ -299,7 +346,12 @@ def get_deleted_key(req: Request, name: str) -> Response:
 
 
 def recover_deleted_key(req: Request, name: str) -> Response:
-    return 200, key_bundle(req, req.store.recover(_name(name)))
+    try:
+        return 200, key_bundle(req, req.store.recover(_name(name)))
+    except KeyNotFound as missing:  # the service names the key, not the deleted key, it did not find
+        if missing.resource.startswith("deletedkeys/"):
+            raise KeyNotFound.for_key(name) from None
+        raise
 
 
 def purge_deleted_key(req: Request, name: str) -> Response:
@@ -391,8 +443,11 @@ def _operation(req: Request, name: str, version: str, operation: str) -> Tuple[K
     return req.store.usable(name, version, operation), alg, value  # type: ignore[return-value]
 
 
-def _result(req: Request, key: KeyVersion, value: bytes) -> Dict[str, Any]:
-    return {"kid": key_id(req, key), "value": b64url_encode(value)}
+def _result(req: Request, key: KeyVersion, value: bytes, alg: str) -> Dict[str, Any]:
+    result = {"kid": key_id(req, key), "value": b64url_encode(value)}
+    if req.store.managed_hsm:  # a Managed HSM's results name their algorithm
+        result["alg"] = alg
+    return result
 
 
 def encrypt(req: Request, name: str, version: str = "") -> Response:
@@ -400,8 +455,10 @@ def encrypt(req: Request, name: str, version: str = "") -> Response:
     body = req.json()
     aad = _bytes(body, "aad")
     encrypted = crypto.encrypt(key.private_key, alg, plaintext, iv=_bytes(body, "iv"), aad=aad)
-    result = _result(req, key, encrypted.value)
-    for member, value in (("iv", encrypted.iv), ("tag", encrypted.tag), ("aad", aad)):
+    result = _result(req, key, encrypted.value, alg)
+    # GCM echoes aad with its iv and tag; CBC takes aad and does not echo it
+    echoed = aad if encrypted.tag is not None else None
+    for member, value in (("iv", encrypted.iv), ("tag", encrypted.tag), ("aad", echoed)):
         if value is not None:
             result[member] = b64url_encode(value)
     return 200, result
@@ -418,28 +475,36 @@ def decrypt(req: Request, name: str, version: str = "") -> Response:
         tag=_bytes(body, "tag"),
         aad=_bytes(body, "aad"),
     )
-    return 200, _result(req, key, plaintext)
+    return 200, _result(req, key, plaintext, alg)
 
 
 def wrap_key(req: Request, name: str, version: str = "") -> Response:
     key, alg, value = _operation(req, name, version, "wrapKey")
-    return 200, _result(req, key, crypto.wrap_key(key.private_key, alg, value))
+    return 200, _result(req, key, crypto.wrap_key(key.private_key, alg, value), alg)
 
 
 def unwrap_key(req: Request, name: str, version: str = "") -> Response:
     key, alg, value = _operation(req, name, version, "unwrapKey")
-    return 200, _result(req, key, crypto.unwrap_key(key.private_key, alg, value))
+    return 200, _result(req, key, crypto.unwrap_key(key.private_key, alg, value), alg)
 
 
 def sign(req: Request, name: str, version: str = "") -> Response:
     key, alg, digest = _operation(req, name, version, "sign")
-    return 200, _result(req, key, crypto.sign(key.private_key, alg, digest))
+    try:
+        signature = crypto.sign(key.private_key, alg, digest)
+    except crypto.IncompatibleCurve as error:
+        raise BadParameter(error.message_for(key_id(req, key))) from None
+    return 200, _result(req, key, signature, alg)
 
 
 def verify(req: Request, name: str, version: str = "") -> Response:
     key, alg, signature = _operation(req, name, version, "verify")
     digest = _bytes(req.json(), "digest", required=True)
-    return 200, {"value": crypto.verify(key.private_key, alg, digest, signature)}  # type: ignore[arg-type]
+    try:
+        valid = crypto.verify(key.private_key, alg, digest, signature)  # type: ignore[arg-type]
+    except crypto.IncompatibleCurve as error:
+        raise BadParameter(error.message_for(key_id(req, key))) from None
+    return 200, {"value": valid}
 
 
 def release_key(req: Request, name: str, version: str = "") -> Response:
@@ -467,4 +532,8 @@ def get_random_bytes(req: Request) -> Response:
     if not req.store.managed_hsm:
         raise BadParameter("Random bytes (POST /rng) are served by a Managed HSM only, not by a key vault.")
     count = _field(req.json(), "count", int, required=True)
+    if not 1 <= count <= crypto.MAX_RANDOM_BYTES:
+        raise BadParameter(
+            f"GetRandomBytesRequest: count cannot be greater than {crypto.MAX_RANDOM_BYTES} or less than 1"
+        )
     return 200, {"value": b64url_encode(crypto.random_bytes(count))}

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hmac
 import logging
 import ssl
+import time
 import uuid
 from typing import Any, Dict, Optional, Tuple
 from urllib.parse import parse_qsl
@@ -16,7 +17,7 @@ from .faults import DROP, DropConnection, fault_of
 from .http11 import CLIENT_GONE, MAX_CONNECTIONS, Handler, Server, TLSServer, printable, split_target
 from .models import KeyStore
 from .responses import Request
-from .tokens import MANAGED_HSM_RESOURCE, TENANT_ID, VAULT_RESOURCE, TokenIssuer
+from .tokens import ISSUER, MANAGED_HSM_RESOURCE, TENANT_ID, VAULT_RESOURCE, TokenIssuer
 
 __all__ = ["MAX_CONNECTIONS", "IdentityServer", "VaultServer"]
 
@@ -52,9 +53,13 @@ def challenge(resource: str) -> str:
 CHALLENGE = challenge(VAULT_RESOURCE)
 MANAGED_HSM_CHALLENGE = challenge(MANAGED_HSM_RESOURCE)
 MISSING_TOKEN = "AKV10000: Request is missing a Bearer, PoP, or MTLS_POP token."
-INVALID_TOKEN = "The access token is invalid: its signature, audience or expiry could not be verified."
-VAULT_AUDIENCES = (VAULT_RESOURCE, VAULT_RESOURCE + "/")
-MANAGED_HSM_AUDIENCES = (MANAGED_HSM_RESOURCE, MANAGED_HSM_RESOURCE + "/")
+INVALID_TOKEN = "The access token is invalid: its signature could not be verified."
+EXPIRED_TOKEN = "[TokenExpired] Error validating token: 'S2S12086'."
+NOT_YET_VALID_TOKEN = "Token not yet valid"
+# The service refuses https://vault.azure.net/ (a trailing slash) as an audience.
+VAULT_AUDIENCES = (VAULT_RESOURCE,)
+MANAGED_HSM_AUDIENCES = (MANAGED_HSM_RESOURCE,)
+JSON_TYPE = "application/json; charset=utf-8"
 SERVICE_HEADERS = {
     "Cache-Control": "no-cache",
     "Pragma": "no-cache",
@@ -64,6 +69,40 @@ SERVICE_HEADERS = {
     "x-ms-keyvault-service-version": "1.9.0.0",
     "x-ms-keyvault-region": "localvault",
 }
+MANAGED_HSM_HEADERS = {
+    "Cache-Control": "no-cache",
+    "Content-Security-Policy": "default-src 'self'",
+    "Strict-Transport-Security": "max-age=31536000; includeSubDomains",
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "SAMEORIGIN",
+    "x-ms-keyvault-region": "localvault",
+}
+
+
+def network_info(client_address: Any) -> str:
+    """``x-ms-keyvault-network-info``: how the client reached the vault."""
+    host = str(client_address[0]) if client_address else ""
+    if ":" in host and not host.startswith("::ffff:"):
+        return f"conn_type=Ipv6;addr={host};act_addr_fam=InterNetworkV6;"
+    return f"conn_type=Ipv4;addr={host.removeprefix('::ffff:')};act_addr_fam=InterNetwork;"
+
+
+def token_refusal(problem: Tuple[str, str], audiences: Tuple[str, ...]) -> str:
+    """The service's 401 message for a token it cannot accept."""
+    kind, found = problem
+    if kind == "audience":
+        return f"AKV10022: Invalid audience. Expected {audiences[0]}, found: {found}."
+    if kind == "issuer":
+        return f"AKV10032: Invalid issuer. Expected {ISSUER}, found: {found}."
+    if kind == "expired":
+        return EXPIRED_TOKEN
+    if kind == "not yet valid":
+        return NOT_YET_VALID_TOKEN
+    return INVALID_TOKEN
+
+
+class Challenge(Unauthorized):
+    """No token: the answer that starts the SDK's challenge (a Managed HSM's has an empty body)."""
 
 
 class VaultServer(TLSServer):
@@ -93,8 +132,17 @@ class VaultHandler(Handler):
     def _dispatch(self) -> None:
         if control.is_control(self.path):
             return control.handle(self)
-        headers = dict(SERVICE_HEADERS, **{"x-ms-request-id": str(uuid.uuid4())})
+        started = time.monotonic()
+        managed_hsm = self.server.store.managed_hsm
+        request_id = str(uuid.uuid4())
+        headers = dict(MANAGED_HSM_HEADERS if managed_hsm else SERVICE_HEADERS)
+        headers["x-ms-request-id"] = request_id
+        client_request_id = self.headers.get("x-ms-client-request-id")
+        if client_request_id:
+            headers["x-ms-client-request-id"] = client_request_id
+        headers["x-ms-keyvault-network-info"] = network_info(self.client_address)
         fault: Optional[str] = None
+        payload: Optional[Dict[str, Any]]
         try:
             self._authenticate(headers)
             status, payload = self._handle(self.read_body())
@@ -103,8 +151,13 @@ class VaultHandler(Handler):
             self.server.controls.log.record(self.command, self.path, None, DROP)
             return
         except VaultError as error:
-            status, payload, fault = error.status, error.body(), fault_of(error)
+            fault = fault_of(error)
             headers.update(error.headers)
+            if managed_hsm:
+                error = error.for_managed_hsm(self.server.base_url, split_target(self.path).path)
+            status, payload = error.status, error.body()
+            if managed_hsm and isinstance(error, Challenge):
+                payload = None
         except CLIENT_GONE:
             raise
         except Exception:  # a bug in localvault; the server keeps serving
@@ -115,9 +168,21 @@ class VaultHandler(Handler):
                 500,
                 {"error": {"code": "InternalError", "message": "localvault internal error"}},
             )
+        if managed_hsm:
+            if payload is None:  # a Managed HSM types even its empty answers
+                headers["Content-Type"] = JSON_TYPE
+            elif isinstance(payload.get("error"), dict):
+                payload["error"]["message"] = f"{payload['error'].get('message')} (Activity ID: {request_id})"
+            headers["x-ms-server-latency"] = str(int((time.monotonic() - started) * 1000))
         self.send_json(status, payload, headers)
         # logged before the answer is flushed, so a client that has its answer finds it in the log
         self.server.controls.log.record(self.command, self.path, status, fault)
+
+    def send_response(self, code: int, message: Optional[str] = None) -> None:
+        """The status line and Date: the service sends no ``Server`` header."""
+        self.log_request(code)
+        self.send_response_only(code, message)
+        self.send_header("Date", self.date_time_string())
 
     def _handle(self, body: bytes) -> Tuple[int, Optional[Dict[str, Any]]]:
         if not hasattr(self, "do_" + self.command):  # a method no route serves, whatever the path
@@ -143,17 +208,18 @@ class VaultHandler(Handler):
     def _authenticate(self, headers: Dict[str, str]) -> None:
         managed_hsm = self.server.store.managed_hsm
         scheme, _, token = self.headers.get("Authorization", "").partition(" ")
+        error: Unauthorized
         if scheme.lower() == "bearer" and token.strip():
-            if self.server.issuer.verify(
-                token.strip(), MANAGED_HSM_AUDIENCES if managed_hsm else VAULT_AUDIENCES
-            ):
+            audiences = MANAGED_HSM_AUDIENCES if managed_hsm else VAULT_AUDIENCES
+            problem = self.server.issuer.problem(token.strip(), audiences)
+            if problem is None:
                 return
-            message = INVALID_TOKEN
+            error = Unauthorized(token_refusal(problem, audiences))
         else:
-            message = MISSING_TOKEN
+            error = Challenge(MISSING_TOKEN)
         headers["WWW-Authenticate"] = MANAGED_HSM_CHALLENGE if managed_hsm else CHALLENGE
         self.skip_body()
-        raise Unauthorized(message)
+        raise error
 
     do_GET = do_PUT = do_POST = do_PATCH = do_DELETE = do_HEAD = do_OPTIONS = do_other = _dispatch
 

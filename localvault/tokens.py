@@ -33,17 +33,19 @@ class TokenIssuer:
         self._secret = secret or secrets.token_bytes(32)
         self.lifetime = lifetime
         self.principal_id = principal_id or str(uuid.uuid4())
-        # token -> (audiences, not before, expiry) of a token whose signature and issuer were verified
-        self._verified: OrderedDict[str, Tuple[Tuple[str, ...], float, float]] = OrderedDict()
+        # token -> (audiences, issuer, not before, expiry) of a token whose signature was verified
+        self._verified: OrderedDict[str, Tuple[Tuple[str, ...], str, float, float]] = OrderedDict()
         self._lock = threading.Lock()
 
-    def issue(self, audience: str, now: Optional[float] = None, lifetime: Optional[int] = None) -> tuple:
-        """A signed token and its expiry (Unix seconds)."""
+    def issue(
+        self, audience: str, now: Optional[float] = None, lifetime: Optional[int] = None, issuer: str = ISSUER
+    ) -> tuple:
+        """A signed token and its expiry (Unix seconds); another ``issuer`` makes one the vault refuses."""
         issued = int(time.time() if now is None else now)
         expires = issued + (self.lifetime if lifetime is None else lifetime)
         claims = {
             "aud": audience,
-            "iss": ISSUER,
+            "iss": issuer,
             "iat": issued,
             "nbf": issued,
             "exp": expires,
@@ -56,6 +58,13 @@ class TokenIssuer:
     def verify(self, token: str, audience: Union[str, Iterable[str]] = VAULT_RESOURCE) -> bool:
         """Signature, issuer, audience and expiry. The signature is checked once per token, its claims
         kept until it expires; audience and time are checked on every use."""
+        return self.problem(token, audience) is None
+
+    def problem(
+        self, token: str, audience: Union[str, Iterable[str]] = VAULT_RESOURCE
+    ) -> Optional[Tuple[str, str]]:
+        """None for a token that may be used now, else what is wrong with it: ``("signature", "")``,
+        ``("issuer", iss)``, ``("audience", aud)``, ``("expired", "")`` or ``("not yet valid", "")``."""
         wanted = {audience} if isinstance(audience, str) else set(audience)
         with self._lock:
             claims = self._verified.get(token)
@@ -67,22 +76,28 @@ class TokenIssuer:
                     token,
                     self._secret,
                     algorithms=[_ALGORITHM],
-                    audience=list(wanted),
-                    issuer=ISSUER,
-                    options={"require": ["exp", "aud", "iss"]},
+                    options={"require": ["exp", "aud", "iss"], "verify_aud": False, "verify_exp": False,
+                             "verify_nbf": False, "verify_iat": False, "verify_iss": False},
                 )
-            except jwt.PyJWTError:
-                return False
-            aud = decoded["aud"]
-            claims = ((aud,) if isinstance(aud, str) else tuple(aud), decoded.get("nbf", 0), decoded["exp"])
+                aud, iss = decoded["aud"], decoded["iss"]
+                audiences = (aud,) if isinstance(aud, str) else tuple(aud)
+                claims = (tuple(map(str, audiences)), str(iss), float(decoded.get("nbf", 0)), float(decoded["exp"]))
+            except (jwt.PyJWTError, TypeError, ValueError):
+                return ("signature", "")
             with self._lock:
                 self._verified[token] = claims
                 if len(self._verified) > MAX_CACHED:
                     self._verified.popitem(last=False)
-        audiences, not_before, expires = claims
+        audiences, issuer, not_before, expires = claims
+        if issuer != ISSUER:
+            return ("issuer", issuer)
+        if wanted.isdisjoint(audiences):
+            return ("audience", ", ".join(audiences))
         now = _now()
         if now >= expires:
             with self._lock:
                 self._verified.pop(token, None)
-            return False
-        return now >= not_before and not wanted.isdisjoint(audiences)
+            return ("expired", "")
+        if now < not_before:
+            return ("not yet valid", "")
+        return None

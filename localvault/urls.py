@@ -11,11 +11,12 @@ import re
 from typing import Callable, List, NamedTuple, Optional, Tuple
 
 from . import responses
-from .exceptions import MethodNotAllowed, NotFound
+from .exceptions import BadParameter, MethodNotAllowed, NotFound
 
 NAME = r"(?P<name>[^/]+)"
 VERSION = r"(?P<version>[^/]+)"
 ANY_VERSION = r"(?P<version>[^/]*)"  # empty: the latest version
+OPTIONAL_VERSION = rf"(?:/{ANY_VERSION})?"  # /keys/n/sign, /keys/n//sign and /keys/n/v/sign
 
 
 class Route(NamedTuple):
@@ -28,7 +29,7 @@ class Route(NamedTuple):
 
 ROUTES: List[Route] = [
     Route("GET", r"/keys/?", "GetKeys", "list", responses.list_keys),
-    Route("POST", r"/keys/restore", "RestoreKey", "restore", responses.restore_key),
+    Route("POST", r"/keys//?restore", "RestoreKey", "restore", responses.restore_key),
     Route("GET", rf"/keys/{NAME}/versions", "GetKeyVersions", "list", responses.list_key_versions),
     Route("POST", rf"/keys/{NAME}/create", "CreateKey", "create", responses.create_key),
     Route("POST", rf"/keys/{NAME}/backup", "BackupKey", "backup", responses.backup_key),
@@ -53,13 +54,13 @@ ROUTES: List[Route] = [
     Route("GET", rf"/keys/{NAME}/{VERSION}", "GetKey", "get", responses.get_key),
     Route("PATCH", rf"/keys/{NAME}/?", "UpdateKey", "update", responses.update_key),
     Route("PATCH", rf"/keys/{NAME}/{VERSION}", "UpdateKey", "update", responses.update_key),
-    Route("POST", rf"/keys/{NAME}/{ANY_VERSION}/encrypt", "encrypt", "encrypt", responses.encrypt),
-    Route("POST", rf"/keys/{NAME}/{ANY_VERSION}/decrypt", "decrypt", "decrypt", responses.decrypt),
-    Route("POST", rf"/keys/{NAME}/{ANY_VERSION}/sign", "sign", "sign", responses.sign),
-    Route("POST", rf"/keys/{NAME}/{ANY_VERSION}/verify", "verify", "verify", responses.verify),
-    Route("POST", rf"/keys/{NAME}/{ANY_VERSION}/wrapkey", "wrapKey", "wrapKey", responses.wrap_key),
-    Route("POST", rf"/keys/{NAME}/{ANY_VERSION}/unwrapkey", "unwrapKey", "unwrapKey", responses.unwrap_key),
-    Route("POST", rf"/keys/{NAME}/{ANY_VERSION}/release", "release", "release", responses.release_key),
+    Route("POST", rf"/keys/{NAME}{OPTIONAL_VERSION}/encrypt", "encrypt", "encrypt", responses.encrypt),
+    Route("POST", rf"/keys/{NAME}{OPTIONAL_VERSION}/decrypt", "decrypt", "decrypt", responses.decrypt),
+    Route("POST", rf"/keys/{NAME}{OPTIONAL_VERSION}/sign", "sign", "sign", responses.sign),
+    Route("POST", rf"/keys/{NAME}{OPTIONAL_VERSION}/verify", "verify", "verify", responses.verify),
+    Route("POST", rf"/keys/{NAME}{OPTIONAL_VERSION}/wrapkey", "wrapKey", "wrapKey", responses.wrap_key),
+    Route("POST", rf"/keys/{NAME}{OPTIONAL_VERSION}/unwrapkey", "unwrapKey", "unwrapKey", responses.unwrap_key),
+    Route("POST", rf"/keys/{NAME}{OPTIONAL_VERSION}/release", "release", "release", responses.release_key),
     Route(
         "GET",
         rf"/keys/{NAME}/{ANY_VERSION}/attestation",
@@ -80,7 +81,8 @@ ROUTES: List[Route] = [
     Route("POST", r"/rng", "GetRandomBytes", None, responses.get_random_bytes),
 ]
 
-_COMPILED = [(re.compile(f"^{route.pattern}$"), route) for route in ROUTES]
+# The service matches paths case-insensitively (the .NET SDK sends /wrapKey).
+_COMPILED = [(re.compile(f"^{route.pattern}$", re.IGNORECASE), route) for route in ROUTES]
 
 
 def resolve(method: str, path: str) -> Tuple[Route, dict]:
@@ -93,6 +95,8 @@ def resolve(method: str, path: str) -> Tuple[Route, dict]:
         if route.method == method:
             return route, {k: v for k, v in match.groupdict().items() if v is not None}
         allowed.append(route.method)
+    if path.startswith("/keys//"):  # no key name: the service's answer to POST /keys//create
+        raise BadParameter("Operation not specified")
     if allowed:
         raise MethodNotAllowed(f"The requested resource does not support http method '{method}'.")
     raise NotFound(f"The requested resource '{path}' was not found.")

@@ -191,7 +191,7 @@ HOSTILE_JWKS = [
         "'x' is too long for this key: 8192 bytes, at most 66",
     ),
     ({"kty": "EC", "crv": "P-384", "d": "AQ", "x": "AQ", "y": _b64(_big(49))}, "'y' is too long"),
-    ({"kty": "oct", "k": _b64(_big(65536))}, "only supported by Managed HSM"),
+    ({"kty": "oct", "k": _b64(_big(65536))}, "Invalid kty value: oct"),
 ]
 
 

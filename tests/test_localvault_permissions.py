@@ -36,6 +36,7 @@ def denied(vault: LocalVault, permission: str) -> str:
 def _concrete(pattern: str) -> str:
     """A request path for a route pattern: key ``k``, version ``v1``; the empty version for ANY_VERSION."""
     path = pattern.replace("(?P<name>[^/]+)", "k").replace("(?P<version>[^/]+)", "v1")
+    path = path.replace("(?:/(?P<version>[^/]*))?", "/")
     return path.replace("(?P<version>[^/]*)", "").replace("/?", "")
 
 
