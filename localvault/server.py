@@ -22,7 +22,26 @@ __all__ = ["MAX_CONNECTIONS", "IdentityServer", "VaultServer"]
 
 log = logging.getLogger("localvault")
 
-API_VERSIONS = ("7.0", "7.1", "7.2", "7.3", "7.4", "7.5", "7.6", "2025-07-01")
+# Every published version a current SDK or the Azure CLI sends (az pins 7.6-preview.2); the last is the latest.
+API_VERSIONS = (
+    "2016-10-01",
+    "7.0",
+    "7.1-preview",
+    "7.1",
+    "7.2-preview",
+    "7.2",
+    "7.3-preview",
+    "7.3",
+    "7.4-preview.1",
+    "7.4",
+    "7.5-preview.1",
+    "7.5",
+    "7.6-preview.1",
+    "7.6-preview.2",
+    "7.6",
+    "2025-06-01-preview",
+    "2025-07-01",
+)
 LATEST_API_VERSION = API_VERSIONS[-1]
 
 

@@ -23,6 +23,20 @@ from azure.core.exceptions import HttpResponseError, ResourceNotFoundError
 import kv_keys
 
 API_VERSION = "2025-07-01"
+# What `python -m localvault` exports: the proxy, trust for every SDK, the identity endpoint, the direct URL.
+EXPORTED_NAMES = (
+    "HTTPS_PROXY",
+    "https_proxy",
+    "NO_PROXY",
+    "no_proxy",
+    "REQUESTS_CA_BUNDLE",
+    "SSL_CERT_FILE",
+    "NODE_EXTRA_CA_CERTS",
+    "IDENTITY_ENDPOINT",
+    "IDENTITY_HEADER",
+    "LOCALVAULT_URL",
+    "LOCALVAULT_CA_FILE",
+)
 
 
 def _is_loopback(host: Any) -> bool:
@@ -112,12 +126,14 @@ VAULT_VARIABLE_PREFIXES = ("KEY_VAULT_", "IDENTITY_", "LOCALVAULT_", "AZURE_", "
 
 @pytest.fixture
 def clean_env() -> Dict[str, str]:
-    """A copy of os.environ without vault, identity, Azure or proxy variables, with DefaultAzureCredential kept to
+    """A copy of os.environ without vault, identity, Azure, proxy or CA-bundle variables, with DefaultAzureCredential kept to
     developer tools (AZURE_TOKEN_CREDENTIALS=dev): for a subprocess, or for this process through use_env()."""
     env = {
         name: value
         for name, value in os.environ.items()
-        if not name.upper().startswith(VAULT_VARIABLE_PREFIXES) and not name.upper().endswith("_PROXY")
+        if not name.upper().startswith(VAULT_VARIABLE_PREFIXES)
+        and not name.upper().endswith("_PROXY")
+        and name not in EXPORTED_NAMES
     }
     env["AZURE_TOKEN_CREDENTIALS"] = "dev"
     return env
@@ -150,7 +166,7 @@ def standalone_localvault(clean_env: Dict[str, str]) -> Iterator[Dict[str, str]]
         assert process.stdout is not None
         exports = read_exports(process.stdout)
         watchdog.cancel()
-        assert set(exports) == {"KEY_VAULT_URL", "IDENTITY_ENDPOINT", "IDENTITY_HEADER", "LOCALVAULT_CA_FILE"}
+        assert set(exports) == set(EXPORTED_NAMES)
         yield exports
     finally:
         watchdog.cancel()

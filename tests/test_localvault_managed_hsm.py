@@ -120,7 +120,7 @@ def test_standalone_managed_hsm_serves_managed_hsm_tokens():
         credential = LocalVaultCredential(exports["IDENTITY_ENDPOINT"], exports["IDENTITY_HEADER"])
         token = credential.get_token(RESOURCE + "/.default").token
         response = requests.post(
-            exports["KEY_VAULT_URL"] + "/rng",
+            exports["LOCALVAULT_URL"] + "/rng",
             params={"api-version": "2025-07-01"},
             json={"count": 8},
             headers={"Authorization": f"Bearer {token}"},

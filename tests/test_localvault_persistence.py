@@ -97,7 +97,7 @@ class Server:
     def client(self) -> KeyClient:
         credential = LocalVaultCredential(self.exports["IDENTITY_ENDPOINT"], self.exports["IDENTITY_HEADER"])
         return KeyClient(
-            self.exports["KEY_VAULT_URL"],
+            self.exports["LOCALVAULT_URL"],
             credential,
             verify_challenge_resource=False,
             connection_verify=self.exports["LOCALVAULT_CA_FILE"],
