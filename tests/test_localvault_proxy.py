@@ -26,7 +26,7 @@ from azure.core.exceptions import HttpResponseError, ResourceNotFoundError, Serv
 from azure.identity import DefaultAzureCredential
 from azure.keyvault.keys import KeyClient
 from azure.keyvault.keys.crypto import CryptographyClient, SignatureAlgorithm
-from conftest import EXPORTED_NAMES, REPO, VAULT_VARIABLE_PREFIXES
+from helpers import EXPORTED_NAMES, REPO, VAULT_VARIABLE_PREFIXES
 
 from localvault import LocalVault
 from localvault.cli import read_exports
