@@ -86,6 +86,11 @@ def _hide_token(match: Match[str]) -> str:
     return "<token>" if "eyJ" in match[0] else match[0]
 
 
+# Linux: acknowledge at once rather than up to 40 ms later. A client without TCP_NODELAY (urllib3 through
+# a proxy) holds a request's body until its head is acknowledged.
+_QUICKACK = getattr(socket, "TCP_QUICKACK", None)
+
+
 class RequestReader(socket.SocketIO):
     """A connection's reads, bounded in time: IDLE_TIMEOUT for the first byte of a request, then
     REQUEST_TIMEOUT for all the rest of it, so a client trickling bytes cannot hold a thread."""
@@ -112,6 +117,9 @@ class RequestReader(socket.SocketIO):
             if remaining <= 0:
                 raise socket.timeout("the request was not received in time")
             sock.settimeout(remaining)
+            if _QUICKACK is not None:
+                with contextlib.suppress(OSError):  # not TCP, when a socket pair is handed over
+                    sock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
             try:
                 count = super().readinto(buffer)
             finally:
