@@ -3,6 +3,7 @@ exceptions into the service's error JSON. The HTTP/1.1 machinery under both is i
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import logging
 import ssl
@@ -15,7 +16,7 @@ from . import control, urls
 from .exceptions import BadParameter, MethodNotAllowed, Unauthorized, VaultError
 from .faults import DROP, DropConnection, fault_of
 from .http11 import CLIENT_GONE, MAX_CONNECTIONS, Handler, Server, TLSServer, printable, split_target
-from .models import KeyStore
+from .models import MAX_RESTORE_BODY, KeyStore
 from .responses import Request
 from .tokens import ISSUER, MANAGED_HSM_RESOURCE, TENANT_ID, VAULT_RESOURCE, TokenIssuer
 
@@ -183,6 +184,14 @@ class VaultHandler(Handler):
         self.log_request(code)
         self.send_response_only(code, message)
         self.send_header("Date", self.date_time_string())
+
+    def body_limit(self) -> int:
+        """A restore takes the largest backup this vault makes; every other request MAX_BODY."""
+        with contextlib.suppress(BadParameter):  # a bad target is answered later, for what it is
+            path = split_target(self.path).path.rstrip("/").lower()
+            if self.command == "POST" and path in ("/keys/restore", "/keys//restore"):
+                return MAX_RESTORE_BODY
+        return super().body_limit()
 
     def _handle(self, body: bytes) -> Tuple[int, Optional[Dict[str, Any]]]:
         if not hasattr(self, "do_" + self.command):  # a method no route serves, whatever the path

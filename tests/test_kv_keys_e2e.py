@@ -16,7 +16,7 @@ from typing import Dict, List, Optional
 import pytest
 from azure.core.exceptions import ResourceNotFoundError
 from azure.keyvault.keys import KeyClient
-from conftest import KV_KEYS, REPO, error_lines, use_env
+from helpers import KV_KEYS, REPO, error_lines, use_env
 
 from localvault import LocalVault
 

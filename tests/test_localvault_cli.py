@@ -10,7 +10,7 @@ import sys
 import textwrap
 
 import pytest
-from conftest import EXPORTED_NAMES
+from helpers import EXPORTED_NAMES
 
 from localvault.cli import read_exports
 

@@ -18,8 +18,8 @@ from typing import Iterator, List, Tuple
 from urllib.parse import urlsplit
 
 import pytest
-from conftest import EXPORTED_NAMES, RawVault, error_of
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from helpers import EXPORTED_NAMES, RawVault, error_of
 
 from localvault import LocalVault, cli, http11
 from localvault.cli import READY, read_exports

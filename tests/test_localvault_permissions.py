@@ -7,8 +7,8 @@ from typing import Iterator
 
 import pytest
 from azure.core.exceptions import HttpResponseError, ResourceNotFoundError
-from conftest import RawVault, error_of
 from cryptography.hazmat.primitives.asymmetric import ec
+from helpers import RawVault, error_of
 from test_localvault_crypto import ec_jwk
 
 from localvault import LocalVault
