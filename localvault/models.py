@@ -12,6 +12,7 @@ import os
 import re
 import threading
 import uuid
+import zlib
 from collections import deque
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
@@ -52,7 +53,16 @@ DEFAULT_OPS = {
 }
 MAX_TAGS = 15
 SECONDS_PER_DAY = 86400
-_BACKUP_MAGIC = b"LVKB1"
+# A backup: magic, nonce, AES-GCM of its JSON. LVKB2's JSON is zlib-compressed and names the kind of vault
+# that made it; LVKB1 (before) holds the key alone.
+_BACKUP_MAGIC, _BACKUP_MAGIC_V1 = b"LVKB2", b"LVKB1"
+# Key Vault's limit ("Back up individual key, secret, certificate: 500 versions", service limits).
+MAX_BACKUP_VERSIONS = 500
+# A restore's body: what a backup of 500 RSA-4096 versions with tags takes, and more. A backup that would
+# not fit is refused when it is made, so every backup this vault makes restores.
+MAX_RESTORE_BODY = 4 * 2**20
+_MAX_BACKUP_JSON = 64 * 2**20  # decompressed (only a sealed blob, so one a vault made, gets that far)
+_RESTORE_BODY_EXTRA = 1024  # room for '{"value": ""}' around the base64url
 # Vaults in one process share a sealing key, as vaults in one Azure geography accept each other's backups.
 _PROCESS_BACKUP_SECRET = AESGCM.generate_key(bit_length=256)
 
@@ -802,18 +812,49 @@ class KeyStore(WriteOrdering):
     # -- backup and restore ---------------------------------------------------------------------
 
     def backup(self, name: str) -> bytes:
-        """All versions of a key and its rotation policy, sealed with this vault's secret (AES-256-GCM)."""
+        """All versions of a key and its rotation policy, sealed with this vault's secret (AES-256-GCM).
+        At most MAX_BACKUP_VERSIONS, as Key Vault; and no larger than a restore accepts."""
         with self._locked(name):
             self._catch_up()
-            payload = json.dumps(record_to_dict(self._record(name)))
+            record = self._record(name)
+            if len(record.versions) > MAX_BACKUP_VERSIONS:
+                raise BadParameter(
+                    f"Key {record.name} has {len(record.versions)} versions; a backup holds at most "
+                    f"{MAX_BACKUP_VERSIONS}, as in Key Vault."
+                )
+            payload = {"vault": self._kind, "key": record_to_dict(record)}
+        packed = zlib.compress(json.dumps(payload, separators=(",", ":")).encode(), 6)
         nonce = os.urandom(12)
-        return _BACKUP_MAGIC + nonce + self._aead.encrypt(nonce, payload.encode(), _BACKUP_MAGIC)
+        blob = _BACKUP_MAGIC + nonce + self._aead.encrypt(nonce, packed, _BACKUP_MAGIC)
+        encoded = -(-len(blob) * 4 // 3)  # its base64url in a restore's body
+        if encoded > MAX_RESTORE_BODY - _RESTORE_BODY_EXTRA:
+            raise BadParameter(
+                f"The backup of key {record.name} would be {encoded} bytes of base64url, more than a restore "
+                f"takes ({MAX_RESTORE_BODY - _RESTORE_BODY_EXTRA}); its tags make it too large."
+            )
+        return blob
+
+    @property
+    def _kind(self) -> str:
+        return "managedhsm" if self.managed_hsm else "keyvault"
 
     def restore(self, blob: bytes) -> KeyVersion:
-        record = self._open_backup(blob)
+        record, kind = self._open_backup(blob)
         self.check_key_type(record.current().kty)
         if not self.managed_hsm and record.current().family == "oct":
             raise BadParameter("This backup holds an oct key, which only a Managed HSM can restore.")
+        # Key Vault and Managed HSM back up differently and restore only their own kind's backups; an
+        # older backup says not which made it, but a Notify (Key Vault only) does.
+        has_notify = record.policy is not None and any(
+            a.action == NOTIFY for a in record.policy.lifetime_actions
+        )
+        if kind not in (None, self._kind) or (kind is None and self.managed_hsm and has_notify):
+            made_by, here = ("a key vault", "a Managed HSM")
+            if not self.managed_hsm:
+                made_by, here = here, made_by
+            raise BadParameter(
+                f"This backup was made by {made_by}; {here} restores only backups made by {here}."
+            )
         with self._locked(record.name):
             self._catch_up()
             self.check_name_free(record.name)
@@ -826,18 +867,34 @@ class KeyStore(WriteOrdering):
             self._changed(record.name)
             return record.current()
 
-    def _open_backup(self, blob: bytes) -> KeyRecord:
+    def _open_backup(self, blob: bytes) -> Tuple[KeyRecord, Optional[str]]:
+        """The key a backup holds, and the kind of vault that made it (None: an LVKB1 backup, which
+        does not say)."""
         invalid = BadParameter("Backup blob contains invalid or corrupt version.")
-        if not blob.startswith(_BACKUP_MAGIC) or len(blob) < len(_BACKUP_MAGIC) + 12 + 16:
+        magic = blob[: len(_BACKUP_MAGIC)]
+        if magic not in (_BACKUP_MAGIC, _BACKUP_MAGIC_V1) or len(blob) < len(magic) + 12 + 16:
             raise invalid
-        nonce, sealed = blob[len(_BACKUP_MAGIC) : len(_BACKUP_MAGIC) + 12], blob[len(_BACKUP_MAGIC) + 12 :]
+        nonce, sealed = blob[len(magic) : len(magic) + 12], blob[len(magic) + 12 :]
         try:
-            data = json.loads(self._aead.decrypt(nonce, sealed, _BACKUP_MAGIC))
+            opened = self._aead.decrypt(nonce, sealed, magic)
         except InvalidTag:
             raise invalid from None
         try:
-            return record_from_dict(data)
-        except CorruptRecord:
+            if magic == _BACKUP_MAGIC_V1:
+                data, kind = json.loads(opened), None
+            else:
+                unpacker = zlib.decompressobj()
+                text = unpacker.decompress(opened, _MAX_BACKUP_JSON)
+                if unpacker.unconsumed_tail or not unpacker.eof:
+                    raise invalid
+                payload = json.loads(text)
+                data, kind = payload["key"], payload["vault"]
+                if kind not in ("keyvault", "managedhsm"):
+                    raise invalid
+            if len(data["versions"]) > MAX_BACKUP_VERSIONS:
+                raise invalid
+            return record_from_dict(data), kind
+        except (CorruptRecord, ValueError, KeyError, TypeError, zlib.error):
             raise invalid from None
 
 

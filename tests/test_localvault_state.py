@@ -11,13 +11,24 @@ import subprocess
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Iterator, Optional
 from unittest import mock
 
 import pytest
-from azure.keyvault.keys import KeyRotationLifetimeAction, KeyRotationPolicy, KeyRotationPolicyAction
+from azure.core.exceptions import HttpResponseError
+from azure.keyvault.keys import (
+    KeyClient,
+    KeyRotationLifetimeAction,
+    KeyRotationPolicy,
+    KeyRotationPolicyAction,
+)
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from helpers import RawVault, error_of
 
 from localvault import LocalVault
+from localvault.http11 import MAX_BODY
+from localvault.models import MAX_RESTORE_BODY
 from localvault.persist import DATA_KEY_VARIABLE, DataDirError, UnencryptedDataWarning
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -67,7 +78,9 @@ def _make(data_dir: str, data_key: str) -> None:
         client.create_rsa_key("live", size=2048, tags={"team": "a"})
         client.rotate_key("live")
         policy = KeyRotationPolicy(
-            lifetime_actions=[KeyRotationLifetimeAction(KeyRotationPolicyAction.rotate, time_after_create="P90D")]
+            lifetime_actions=[
+                KeyRotationLifetimeAction(KeyRotationPolicyAction.rotate, time_after_create="P90D")
+            ]
         )
         client.update_key_rotation_policy("live", policy)
         client.create_ec_key("curve")
@@ -108,9 +121,13 @@ KEY_FILE_DAMAGE = {
     "policy.updated": lambda d: d["policy"].update(updated="x"),
     "policy.created": lambda d: d["policy"].update(created=-1),
     "policy.expiry_time": lambda d: d["policy"].update(expiry_time="soon"),
-    "policy.lifetime_actions[0].action": lambda d: d["policy"]["lifetime_actions"][0].update(action="Explode"),
+    "policy.lifetime_actions[0].action": lambda d: d["policy"]["lifetime_actions"][0].update(
+        action="Explode"
+    ),
     "policy.lifetime_actions[0].trigger": lambda d: d["policy"]["lifetime_actions"][0].update(trigger=5),
-    "policy.lifetime_actions[0].duration": lambda d: d["policy"]["lifetime_actions"][0].update(duration="P1X"),
+    "policy.lifetime_actions[0].duration": lambda d: d["policy"]["lifetime_actions"][0].update(
+        duration="P1X"
+    ),
     "policy.lifetime_actions": lambda d: d["policy"].update(lifetime_actions={"a": 1}),
     "versions[0].kty": lambda d: _version(d).update(kty="bogus"),
     "versions[0].tags": lambda d: _version(d).update(tags=["a"]),
@@ -142,7 +159,6 @@ def test_a_key_file_with_any_bad_member_is_refused_naming_the_member(templates, 
 
 def test_an_rsa_key_whose_numbers_do_not_hold_together_is_refused(templates, tmp_path):
     from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import rsa
 
     from localvault.jwk import b64url_decode, b64url_encode
 
@@ -309,3 +325,142 @@ def test_an_undamaged_copy_still_loads(templates, tmp_path):
             assert client.get_key("live").properties.tags == {"team": "a"}
             assert len(list(client.list_properties_of_key_versions("live"))) == 2
             assert client.get_deleted_key("gone").name == "gone"
+
+
+# -- backups: the service's 500 versions, and every backup made restores ------------------------------
+
+
+@pytest.fixture(scope="module")
+def vault() -> Iterator[LocalVault]:
+    with LocalVault() as vault:
+        yield vault
+
+
+@pytest.fixture(scope="module")
+def managed_hsm() -> Iterator[LocalVault]:
+    with LocalVault(managed_hsm=True) as vault:
+        yield vault
+
+
+@pytest.fixture(scope="module")
+def rsa_4096() -> rsa.RSAPrivateKey:
+    return rsa.generate_private_key(public_exponent=65537, key_size=4096)
+
+
+def _versions(
+    vault: LocalVault, name: str, count: int, key: Any, tags: Optional[Dict[str, str]] = None
+) -> None:
+    """``count`` versions of ``name`` holding ``key``, stored as an import would store them."""
+    kty = "RSA" if isinstance(key, rsa.RSAPrivateKey) else "EC"
+    for _ in range(count):
+        vault.store.add_version(name, kty, key, tags=tags)
+
+
+def _gone(client: KeyClient, name: str) -> None:
+    client.begin_delete_key(name).wait()
+    client.purge_deleted_key(name)
+
+
+BIG_TAGS = {f"{index:02d}-{'n' * 509}": "v" * 256 for index in range(15)}  # the most a version may have
+
+
+def test_a_backup_of_500_rsa_4096_versions_with_all_their_tags_restores(vault, rsa_4096, unique_key_name):
+    _versions(vault, unique_key_name, 500, rsa_4096, BIG_TAGS)
+    client = vault.key_client()
+    versions = {p.version for p in client.list_properties_of_key_versions(unique_key_name)}
+    blob = client.backup_key(unique_key_name)
+    _gone(client, unique_key_name)
+    restored = client.restore_key_backup(blob)
+    assert restored.key.n == rsa_4096.public_key().public_numbers().n.to_bytes(512, "big")
+    assert {p.version for p in client.list_properties_of_key_versions(unique_key_name)} == versions
+    assert client.get_key(unique_key_name).properties.tags == BIG_TAGS
+
+
+def test_a_key_with_3000_versions_is_not_backed_up_as_in_key_vault(vault, unique_key_name):
+    _versions(vault, unique_key_name, 3000, ec.generate_private_key(ec.SECP256R1()))
+    client = vault.key_client()
+    with pytest.raises(HttpResponseError) as raised:
+        client.backup_key(unique_key_name)
+    assert (raised.value.status_code, raised.value.error.code) == (400, "BadParameter")
+    assert "3000 versions" in raised.value.message and "at most 500" in raised.value.message
+    vault.store.add_version(unique_key_name, "EC", ec.generate_private_key(ec.SECP256R1()))
+    assert len(list(client.list_properties_of_key_versions(unique_key_name))) == 3001  # nothing lost
+
+
+def test_a_backup_too_large_to_restore_is_refused_when_made(vault, unique_key_name):
+    key = ec.generate_private_key(ec.SECP256R1())
+    _versions(vault, unique_key_name, 500, key)
+    client = vault.key_client()
+    for version in client.list_properties_of_key_versions(unique_key_name):  # tags that do not compress
+        tags = {f"{i:02d}-{os.urandom(254).hex()}": os.urandom(128).hex() for i in range(15)}
+        vault.store.update(unique_key_name, version.version, tags=tags)
+    with pytest.raises(HttpResponseError) as raised:
+        client.backup_key(unique_key_name)
+    assert (raised.value.status_code, raised.value.error.code) == (400, "BadParameter")
+    assert "more than a restore takes" in raised.value.message
+
+
+def test_a_restore_larger_than_any_backup_is_refused_before_it_is_read(vault):
+    raw = RawVault(vault)
+    try:
+        response = raw.request(
+            "POST",
+            "/keys/restore",
+            data=b"{" + b" " * MAX_RESTORE_BODY + b"}",
+            headers={"Content-Type": "application/json"},
+        )
+        assert response.status_code == 413 and error_of(response)["code"] == "RequestEntityTooLarge"
+        elsewhere = raw.request(
+            "POST",
+            "/keys/x/create",
+            data=b"{" + b" " * (MAX_BODY + 1) + b"}",
+            headers={"Content-Type": "application/json"},
+        )
+        assert elsewhere.status_code == 413  # other requests keep their own bound
+    finally:
+        raw.close()
+
+
+def _rotate_policy() -> KeyRotationPolicy:
+    return KeyRotationPolicy(
+        lifetime_actions=[KeyRotationLifetimeAction(KeyRotationPolicyAction.rotate, time_after_create="P90D")]
+    )
+
+
+def test_a_managed_hsm_refuses_a_key_vault_backup_and_a_key_vault_a_managed_hsm_backup(
+    vault, managed_hsm, unique_key_name
+):
+    client, hsm_client = vault.key_client(), managed_hsm.key_client()
+    client.create_rsa_key(unique_key_name, size=2048)
+    client.update_key_rotation_policy(unique_key_name, _rotate_policy())  # with Key Vault's Notify
+    for source, target in ((client, hsm_client), (hsm_client, client)):
+        if source is hsm_client:
+            source.create_rsa_key(unique_key_name, size=2048, hardware_protected=True)
+        blob = source.backup_key(unique_key_name)
+        with pytest.raises(HttpResponseError) as raised:
+            target.restore_key_backup(blob)
+        assert (raised.value.status_code, raised.value.error.code) == (400, "BadParameter")
+        assert "restores only backups made by" in raised.value.message
+    _gone(hsm_client, unique_key_name)  # its name was free: the refused restore left nothing
+    _gone(client, unique_key_name)
+
+
+def test_an_older_backup_with_a_notify_is_refused_by_a_managed_hsm(vault, managed_hsm, unique_key_name):
+    from localvault import models
+
+    client = vault.key_client()
+    client.create_ec_key(unique_key_name)
+    client.update_key_rotation_policy(unique_key_name, _rotate_policy())
+    record = models.record_to_dict(vault.store._record(unique_key_name))
+    nonce = os.urandom(12)
+    aead = AESGCM(models._PROCESS_BACKUP_SECRET)
+    legacy = (
+        models._BACKUP_MAGIC_V1
+        + nonce
+        + aead.encrypt(nonce, json.dumps(record).encode(), models._BACKUP_MAGIC_V1)
+    )
+    with pytest.raises(HttpResponseError) as raised:
+        managed_hsm.key_client().restore_key_backup(legacy)
+    assert raised.value.status_code == 400 and "made by a key vault" in raised.value.message
+    _gone(client, unique_key_name)
+    assert client.restore_key_backup(legacy).name == unique_key_name  # a key vault still takes it
