@@ -256,7 +256,7 @@ def clients(exports: Dict[str, str], served: Any = None) -> Tuple[Any, Callable[
             session=session, session_owner=False, connection_verify=exports["LOCALVAULT_CA_FILE"]
         )
 
-    client = KeyClient(exports["KEY_VAULT_URL"], credential, transport=transport(), **options)
+    client = KeyClient(exports["LOCALVAULT_URL"], credential, transport=transport(), **options)
     return client, lambda key: CryptographyClient(key, credential, transport=transport(), **options)
 
 
@@ -336,7 +336,7 @@ class Vault:
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, text=True, env=env)
         assert process.stdout is not None
         exports = read_exports(process.stdout)
-        if "KEY_VAULT_URL" not in exports:
+        if "LOCALVAULT_URL" not in exports:
             process.wait(timeout=30)
             stderr.seek(0)
             raise SystemExit(f"localvault did not start: {stderr.read().strip()}")

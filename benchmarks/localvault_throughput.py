@@ -57,7 +57,7 @@ def make_client(exports: Dict[str, str]):
     from azure.keyvault.keys import KeyClient
 
     return KeyClient(
-        exports["KEY_VAULT_URL"],
+        exports["LOCALVAULT_URL"],
         DefaultAzureCredential(),
         verify_challenge_resource=False,
         connection_verify=exports["LOCALVAULT_CA_FILE"],

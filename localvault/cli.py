@@ -19,6 +19,7 @@ from .control import parse_permissions
 from .faults import parse_operations, parse_rates
 from .models import SKUS, check_delay
 from .persist import DATA_KEY_VARIABLE, DataDirError
+from .proxy import check_vault_names
 from .vault import LOOPBACK, LocalVault, is_loopback
 
 EXIT_OK, EXIT_USAGE = 0, 2
@@ -77,6 +78,30 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--port", type=int, default=8443, help="vault HTTPS port; 0 picks a free one (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--proxy-port",
+        type=int,
+        default=0,
+        metavar="N",
+        help="port of the HTTPS proxy, always on 127.0.0.1, through which HTTPS_PROXY brings code written "
+        "for Azure to https://NAME.vault.azure.net and https://NAME.managedhsm.azure.net here, unchanged; "
+        "(default: a free port)",
+    )
+    parser.add_argument(
+        "--vault",
+        action="append",
+        type=_checked(lambda text: check_vault_names([text])[0]),
+        metavar="NAME",
+        help="serve only this vault (or Managed HSM) name through the proxy; repeat for more. Any other "
+        "name then fails to connect, as an unknown vault does in Azure (default: every name, each a vault "
+        "of its own, made on first use)",
+    )
+    parser.add_argument(
+        "--isolated",
+        action="store_true",
+        help="refuse (403) every host through the proxy that is not a Key Vault or Managed HSM host, "
+        "instead of tunnelling it unchanged to its real destination",
     )
     parser.add_argument(
         "--identity-port",
@@ -174,21 +199,45 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     return parser
 
 
+# The direct URL stays out of the export lines, so that KEY_VAULT_NAME chooses the vault.
+EXPORTED_OUT = ("KEY_VAULT_URL",)
+
+
 def exports(vault: LocalVault) -> List[str]:
     kind = "Managed HSM" if vault.managed_hsm else "Azure Key Vault"
-    lines = [f"# localvault: {kind} (keys) at {vault.url}; tokens from {vault.identity_endpoint}"]
-    lines += [f"export {name}={shlex.quote(value)}" for name, value in vault.environ().items()]
+    names = vault.allowed_vaults
+    example = names[0] if names else "contoso"
+    lines = [
+        f"# localvault: {kind} (keys) at {vault.url}; HTTPS proxy {vault.proxy_url}; "
+        f"tokens from {vault.identity_endpoint}",
+        f"# Through the proxy, https://NAME.vault.azure.net and https://NAME.managedhsm.azure.net are vaults "
+        f"here: {'only ' + ', '.join(names) if names else 'each name its own, made on first use'}"
+        f"{'' if not vault.isolated else '; other hosts are refused (--isolated)'}.",
+    ]
+    lines += [
+        f"export {name}={shlex.quote(value)}"
+        for name, value in vault.environ().items()
+        if name not in EXPORTED_OUT
+    ]
     controls = vault.describe_controls()
     if controls:
         lines.append(f"# Controls: {controls}; control API under {vault.url}/_localvault/")
     lines += [
         f"# CA certificate to trust: {vault.ca_file}",
-        "# A KeyClient for this vault needs two keyword arguments:",
-        "#   KeyClient(os.environ['KEY_VAULT_URL'], DefaultAzureCredential(),",
-        "#             verify_challenge_resource=False, connection_verify=os.environ['LOCALVAULT_CA_FILE'])",
+        "# Code written for Azure now runs here unchanged, with DefaultAzureCredential, e.g.",
+        f"#   KeyClient('https://{example}.vault.azure.net', DefaultAzureCredential())",
+        f"#   KEY_VAULT_NAME={example} python kv_keys.py",
+        f"#   az login --identity --allow-no-subscriptions && az keyvault key list --vault-name {example}",
+        f"# Undo these exports when localvault stops: {unset_line(vault)}",
         READY,
     ]
     return lines
+
+
+def unset_line(vault: LocalVault) -> str:
+    """The shell line that undoes the export lines; a shell still pointing at a stopped proxy fails every
+    HTTPS request."""
+    return "unset " + " ".join(name for name in vault.environ() if name not in EXPORTED_OUT)
 
 
 def write_private(path: str, lines: List[str]) -> None:
@@ -233,6 +282,9 @@ def main(argv: Optional[List[str]] = None, prog: Optional[str] = None) -> int:
                 host=args.host,
                 port=args.port,
                 identity_port=args.identity_port,
+                proxy_port=args.proxy_port,
+                vaults=args.vault,
+                isolated=args.isolated,
                 retention_days=args.retention_days,
                 managed_hsm=args.managed_hsm,
                 data_dir=args.data,
@@ -251,11 +303,15 @@ def main(argv: Optional[List[str]] = None, prog: Optional[str] = None) -> int:
         print(f"localvault: warning: {warning.message}", file=sys.stderr)
     try:
         vault.start()
+    except DataDirError as exc:  # e.g. another localvault took DIR since it was read
+        print(f"localvault: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except OSError as exc:
         if exc.errno == errno.EADDRINUSE:
             print(
-                f"localvault: error: a port is already in use ({args.host}:{args.port} or identity port "
-                f"{args.identity_port}); choose another with --port / --identity-port, or 0 for any free port.",
+                f"localvault: error: a port is already in use ({args.host}:{args.port}, proxy port "
+                f"{args.proxy_port} or identity port {args.identity_port}); choose another with --port / "
+                "--proxy-port / --identity-port, or 0 for any free port.",
                 file=sys.stderr,
             )
         else:
@@ -291,6 +347,12 @@ def main(argv: Optional[List[str]] = None, prog: Optional[str] = None) -> int:
     except KeyboardInterrupt:
         pass
     finally:
+        undo = unset_line(vault)
         vault.stop()
-    print("# localvault stopped.", flush=True)
+        if args.env_file:
+            with contextlib.suppress(OSError):
+                os.unlink(args.env_file)
+    removed = f"; {os.path.abspath(args.env_file)} removed" if args.env_file else ""
+    print(f"# localvault stopped{removed}. Undo its exports in each shell that loaded them:", flush=True)
+    print(undo, flush=True)
     return EXIT_OK

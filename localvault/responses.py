@@ -6,7 +6,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 from . import crypto
 from .exceptions import BadParameter, VaultError
@@ -198,12 +198,17 @@ def _page_args(req: Request) -> Tuple[str, int]:
     return marker, limit
 
 
+def _with_port(url: str) -> str:
+    """The service's nextLink names its port, ``https://NAME.vault.azure.net:443``; ids do not."""
+    return url if urlsplit(url).port else f"{url}:443"
+
+
 def _page(req: Request, items: List[Dict[str, Any]], marker: Optional[str], limit: int) -> Response:
     next_link = None
     if marker is not None:
         token = b64url_encode(json.dumps({"NextMarker": marker, "TargetLocation": 0}).encode())
         next_link = (
-            f"{req.base_url}{req.path}?api-version={quote(req.api_version)}"
+            f"{_with_port(req.base_url)}{req.path}?api-version={quote(req.api_version)}"
             f"&$skiptoken={token}&maxresults={limit}"
         )
     return 200, {"value": items, "nextLink": next_link}

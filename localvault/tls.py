@@ -69,7 +69,8 @@ class Authority:
     def from_pem(cls, cert_pem: bytes, key_pem: bytes) -> Authority:
         """Raises ValueError if either is not PEM, or the key is not the certificate's."""
         cert = x509.load_pem_x509_certificate(cert_pem)
-        key = serialization.load_pem_private_key(key_pem, password=None)
+        # an RSA key is refused below anyway: not checked first, which for a huge one would take minutes
+        key = serialization.load_pem_private_key(key_pem, password=None, unsafe_skip_rsa_key_validation=True)
         if not isinstance(key, ec.EllipticCurvePrivateKey) or key.public_key() != cert.public_key():
             raise ValueError("the CA key does not match the CA certificate")
         return cls(cert, key)
@@ -103,11 +104,13 @@ def generate(
     extra_ips: Sequence[str] = (),
     authority: Optional[Authority] = None,
     ca_file: Optional[str] = None,
+    dns_names: Sequence[str] = (),
 ) -> CertificateFiles:
     """Write a fresh leaf certificate (``cert.pem``) and its key (``key.pem``, owner-only, encrypted with
     a random password kept in memory) into ``directory``, signed by ``authority``: by default a new
     30-day CA written as ``ca.pem`` there; given one, ``ca_file`` is where its certificate already is.
-    The leaf lasts as long as the CA, at most LEAF_DAYS."""
+    The leaf lasts as long as the CA, at most LEAF_DAYS. It names loopback, ``extra_ips`` and
+    ``dns_names`` (wildcards such as ``*.vault.azure.net`` included)."""
     if authority is None:
         authority = new_authority(days=30)
         ca_file = os.path.join(directory, "ca.pem")
@@ -117,6 +120,7 @@ def generate(
     end = min(_not_after(authority.cert), now + datetime.timedelta(days=LEAF_DAYS))
     leaf_key = ec.generate_private_key(ec.SECP256R1())
     names = LOOPBACK_NAMES + [x509.IPAddress(ipaddress.ip_address(ip)) for ip in extra_ips]
+    names += [x509.DNSName(name) for name in dns_names]
     leaf_cert = (
         x509.CertificateBuilder()
         .subject_name(_name("localhost"))
@@ -163,3 +167,14 @@ def server_context(files: CertificateFiles) -> ssl.SSLContext:
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.load_cert_chain(files.cert_file, files.key_file, password=files.key_password)
     return context
+
+
+def write_bundle(path: str, ca_file: str) -> str:
+    """Write certifi's CAs followed by the CA in ``ca_file`` to ``path``: a bundle that trusts localvault
+    and keeps every other verified HTTPS connection working. Returns ``path``."""
+    import certifi
+
+    with open(certifi.where(), "rb") as public, open(ca_file, "rb") as own:
+        data = public.read().rstrip(b"\n") + b"\n" + own.read()
+    _write(path, data, 0o644)
+    return path

@@ -12,12 +12,13 @@ import threading
 import time
 from typing import Any, Dict, Iterable, List, Optional
 
-from . import tls
+from . import proxy, tls
 from .clock import Clock
 from .control import KEY_PERMISSIONS, Controls
 from .faults import FaultPlan
 from .models import KeyStore
 from .persist import DATA_KEY_VARIABLE, DataDir, DataDirError, PersistedClock
+from .proxy import ProxyServer
 from .server import MAX_CONNECTIONS, IdentityServer, VaultServer
 from .tokens import MANAGED_HSM_RESOURCE, VAULT_RESOURCE, TokenIssuer
 
@@ -60,8 +61,8 @@ class LocalVault:
     keys, the clock, the CA, the identity secret and the token-signing and backup-sealing keys.
     Its secrets are encrypted with a key derived from ``data_key`` (by default the environment
     variable LOCALVAULT_DATA_KEY) when the directory is created with one. A directory that cannot be
-    used raises ``DataDirError`` with the reason. ``stop()`` releases the directory; ``start()``
-    again reads it anew.
+    used raises ``DataDirError`` with the reason. The directory is locked from ``start()`` to ``stop()``
+    only; ``start()`` reads it anew.
     """
 
     def __init__(
@@ -83,6 +84,11 @@ class LocalVault:
         delete_delay: float = 0.0,
         purge_protection: bool = False,
         sku: str = "premium",
+        proxy_port: int = 0,
+        isolated: bool = True,
+        vaults: Optional[Iterable[str]] = None,
+        _parent: Optional[LocalVault] = None,
+        _host: str = "",
     ) -> None:
         if max_connections < 1:
             raise ValueError("max_connections must be at least 1")
@@ -91,7 +97,11 @@ class LocalVault:
         self._port, self._identity_port = port, identity_port
         self.data_dir = None if data_dir is None else os.path.abspath(os.fspath(data_dir))
         self._data_key = os.environ.get(DATA_KEY_VARIABLE) if data_key is None else data_key
+        self._parent, self._host = _parent, _host
+        if _parent is not None:  # a vault the proxy serves: the parent's tokens, identity and CA
+            backup_secret = _parent._backup_secret
         self._data = None if self.data_dir is None else DataDir(self.data_dir, self._data_key, backup_secret)
+        self._backup_secret = backup_secret if self._data is None else self._data.backup_key
         self.clock = Clock() if self._data is None else self._data.clock()
         self.managed_hsm = managed_hsm
         self.store = KeyStore(
@@ -103,13 +113,16 @@ class LocalVault:
             purge_protection=purge_protection,
             sku=sku,
         )
-        self.issuer = TokenIssuer() if self._data is None else self._data.token_issuer()
-        self._identity_secret = (
-            secrets.token_urlsafe(24) if self._data is None else self._data.identity_secret
-        )
+        if _parent is not None:
+            self.issuer, self._identity_secret = _parent.issuer, _parent._identity_secret
+        elif self._data is None:
+            self.issuer, self._identity_secret = TokenIssuer(), secrets.token_urlsafe(24)
+        else:
+            self.issuer, self._identity_secret = self._data.token_issuer(), self._data.identity_secret
         if self._data is not None:
             self._data_secrets = self._data.secrets()
             self._data.attach(self.store)
+            self._close_data()  # checked; a vault never started holds no lock: start() reads DIR again
         self.faults = FaultPlan(dict(faults or {}), fault_seed, fault_operations)  # type: ignore[arg-type]
         self.controls = Controls(
             self.store,
@@ -122,43 +135,62 @@ class LocalVault:
         self._dir: Optional[str] = None
         self._vault_server: Optional[VaultServer] = None
         self._identity_server: Optional[IdentityServer] = None
+        self._proxy_server: Optional[ProxyServer] = None
         self._threads: List[threading.Thread] = []
+        self._proxy_port, self.isolated = proxy_port, isolated
+        self.allowed_vaults = None if vaults is None else proxy.check_vault_names(vaults)
+        self._options = dict(
+            retention_days=retention_days,
+            max_connections=max_connections,
+            faults=faults,
+            fault_seed=fault_seed,
+            fault_operations=fault_operations,
+            key_permissions=key_permissions,
+            delete_delay=delete_delay,
+            purge_protection=purge_protection,
+            sku=sku,
+        )
+        self._children: Dict[str, LocalVault] = {}
+        self._children_lock = threading.Lock()
 
     # -- lifecycle ------------------------------------------------------------------------------
 
     def start(self) -> LocalVault:
-        """Generate certificates, bind both ports and start serving. Raises OSError if a port is taken."""
+        """Generate certificates, bind the ports and start serving. Raises OSError if a port is taken."""
         if self._vault_server is not None:
             return self
         if self.data_dir is not None and self._data is None:
             self._reopen_data()
+        if self._parent is not None:
+            return self._start_proxied(self._parent)
         self._dir = tempfile.mkdtemp(prefix="localvault-")
         try:
+            names = proxy.CERTIFICATE_NAMES
             if self._data is None:
-                files = tls.generate(self._dir, extra_ips=_extra_ips(self.host))
+                files = tls.generate(self._dir, _extra_ips(self.host), dns_names=names)
             else:
                 authority, ca_file = self._data.authority, self._data.ca_file
-                files = tls.generate(self._dir, _extra_ips(self.host), authority, ca_file)
+                files = tls.generate(self._dir, _extra_ips(self.host), authority, ca_file, dns_names=names)
             self.ca_file = files.ca_file
+            self.trust_bundle = tls.write_bundle(os.path.join(self._dir, "trust.pem"), self.ca_file)
+            self._context = tls.server_context(files)
             self._identity_server = IdentityServer(
                 (LOOPBACK, self._identity_port), self.issuer, self._identity_secret, self.max_connections
             )
             self._vault_server = VaultServer(
-                (self.host, self._port),
-                tls.server_context(files),
-                self.store,
-                self.issuer,
-                self.max_connections,
+                (self.host, self._port), self._context, self.store, self.issuer, self.max_connections
             )
             self._vault_server.base_url = self.url  # ids and links name the vault, whatever Host says
             self._vault_server.controls = self.controls
             self._vault_server.hidden = (self._identity_secret,)
+            self._proxy_server = ProxyServer((LOOPBACK, self._proxy_port), self, self.max_connections)
+            self._proxy_server.hidden = (self._identity_secret,)
         except BaseException:
             self._close_servers()
             shutil.rmtree(self._dir, ignore_errors=True)
             self._close_data()
             raise
-        for server in (self._identity_server, self._vault_server):
+        for server in (self._identity_server, self._vault_server, self._proxy_server):
             thread = threading.Thread(
                 target=server.serve_forever, args=(POLL_INTERVAL,), name=f"localvault-{type(server).__name__}"
             )
@@ -166,17 +198,32 @@ class LocalVault:
             self._threads.append(thread)
         return self
 
+    def _start_proxied(self, parent: LocalVault) -> LocalVault:
+        self.ca_file, self.trust_bundle = parent.ca_file, parent.trust_bundle
+        server = VaultServer(
+            (LOOPBACK, 0), parent._context, self.store, self.issuer, self.max_connections, bind=False
+        )
+        server.base_url, server.controls = self.url, self.controls
+        server.hidden = (self._identity_secret,)
+        self._vault_server = server
+        return self
+
     def stop(self) -> None:
         """Stop serving, close every connection, join every thread and remove the certificate files."""
-        servers = [s for s in (self._vault_server, self._identity_server) if s is not None]
-        # shutdown() waits out a poll interval; stop both servers at once
-        stoppers = [threading.Thread(target=server.shutdown) for server in servers]
+        with self._children_lock:
+            children = list(self._children.values())
+            self._children.clear()
+        servers = [s for s in (self._vault_server, self._identity_server, self._proxy_server) if s is not None]
+        # shutdown() waits out a poll interval; stop the servers at once. A proxied vault has no loop.
+        stoppers = [threading.Thread(target=server.shutdown) for server in servers if self._parent is None]
         for stopper in stoppers:
             stopper.start()
         for stopper in stoppers:
             stopper.join()
         for server in servers:
             server.close_connections()
+        for child in children:
+            child.stop()
         for thread in self._threads:
             thread.join()
         self._threads.clear()
@@ -186,6 +233,49 @@ class LocalVault:
             shutil.rmtree(self._dir, ignore_errors=True)
             self._dir = None
         self._close_data()
+
+    # -- the vaults the proxy serves ------------------------------------------------------------
+
+    def vault(self, host: str, **options: Any) -> LocalVault:
+        """The vault the proxy serves at ``host`` (``contoso.vault.azure.net``, or a bare name for a key
+        vault), started, made on first use with this vault's options overridden by ``options``.
+        ValueError for a host that is no Key Vault or Managed HSM host, or a name ``vaults`` excludes."""
+        found = proxy.vault_host(host if "." in host else f"{host}.vault.azure.net")
+        if found is None:
+            raise ValueError(f"{host!r} is not a Key Vault or Managed HSM host with a valid vault name")
+        if self.allowed_vaults is not None and found.name not in self.allowed_vaults:
+            raise ValueError(f"{found.name!r} is not among the vaults served ({', '.join(self.allowed_vaults)})")
+        return self._proxied(found, options)
+
+    def _proxied(self, found: proxy.VaultHost, options: Dict[str, Any]) -> LocalVault:
+        if self._parent is not None or self._proxy_server is None:
+            raise RuntimeError("LocalVault is not started")
+        with self._children_lock:
+            child = self._children.get(found.host)
+            if child is None:
+                settings = dict(self._options, **options)
+                if self.data_dir is not None:
+                    settings.setdefault("data_dir", os.path.join(self.data_dir, "vaults", found.host))
+                    settings.setdefault("data_key", self._data_key)
+                child = LocalVault(managed_hsm=found.managed_hsm, _parent=self, _host=found.host, **settings)
+                child.start()
+                self._children[found.host] = child
+            elif options:
+                raise ValueError(f"{found.host} is served already; options apply only to a new vault")
+            return child
+
+    def forget(self, vault: LocalVault) -> None:
+        """Stop a vault the proxy serves and forget it: its name is a new, empty vault on next use (its
+        data directory, if any, stays)."""
+        with self._children_lock:
+            if self._children.get(vault._host) is vault:
+                del self._children[vault._host]
+        vault.stop()
+
+    def vaults(self) -> List[LocalVault]:
+        """The vaults the proxy serves so far, by host."""
+        with self._children_lock:
+            return [self._children[host] for host in sorted(self._children)]
 
     def _close_data(self) -> None:
         """Release the data directory (it keeps everything); start() opens it again."""
@@ -205,10 +295,10 @@ class LocalVault:
         self._data = data
 
     def _close_servers(self) -> None:
-        for server in (self._vault_server, self._identity_server):
+        for server in (self._vault_server, self._identity_server, self._proxy_server):
             if server is not None:
                 server.server_close()
-        self._vault_server = self._identity_server = None
+        self._vault_server = self._identity_server = self._proxy_server = None
 
     def __enter__(self) -> LocalVault:
         return self.start()
@@ -287,11 +377,14 @@ class LocalVault:
         self.controls.log.clear()
 
     def wait_idle(self, timeout: float = 10.0) -> bool:
-        """Wait until no request is in flight on either endpoint: none being read, handled or answered,
+        """Wait until no request is in flight on any endpoint: none being read, handled or answered,
         none waiting to be accepted, no unread bytes on an open connection. A request whose client has
-        gone is still finished first, as the service does. False if ``timeout`` seconds pass first."""
+        gone is still finished first, as the service does. False if ``timeout`` seconds pass first.
+        A proxied vault waits for its own requests only."""
         deadline = time.monotonic() + timeout
-        servers = [s for s in (self._vault_server, self._identity_server) if s is not None]
+        servers = [s for s in (self._vault_server, self._identity_server, self._proxy_server) if s is not None]
+        if self._parent is None:
+            servers += [child._vault_server for child in self.vaults() if child._vault_server is not None]
         while True:
             if not all(server.wait_idle(deadline) for server in servers):
                 return False
@@ -302,11 +395,27 @@ class LocalVault:
 
     @property
     def port(self) -> int:
-        assert self._vault_server is not None, "LocalVault is not started"
-        return self._vault_server.server_address[1]
+        """The vault's own HTTPS port (a proxied vault answers on its parent's proxy port only)."""
+        owner = self if self._parent is None else self._parent
+        assert owner._vault_server is not None, "LocalVault is not started"
+        return owner._vault_server.server_address[1]
+
+    @property
+    def proxy_port(self) -> int:
+        owner = self if self._parent is None else self._parent
+        assert owner._proxy_server is not None, "LocalVault is not started"
+        return owner._proxy_server.server_address[1]
+
+    @property
+    def proxy_url(self) -> str:
+        return f"http://{LOOPBACK}:{self.proxy_port}"
 
     @property
     def url(self) -> str:
+        """``https://127.0.0.1:PORT``; for a vault the proxy serves, the host it serves, such as
+        ``https://contoso.vault.azure.net``."""
+        if self._parent is not None:
+            return f"https://{self._host}"
         host = LOOPBACK if self.host in ("0.0.0.0", "::") else self.host
         host = f"[{host}]" if ":" in host else host
         return f"https://{host}:{self.port}"
@@ -318,17 +427,33 @@ class LocalVault:
 
     @property
     def identity_endpoint(self) -> str:
-        assert self._identity_server is not None, "LocalVault is not started"
-        return f"http://{LOOPBACK}:{self._identity_server.server_address[1]}/msi/token"
+        owner = self if self._parent is None else self._parent
+        assert owner._identity_server is not None, "LocalVault is not started"
+        return f"http://{LOOPBACK}:{owner._identity_server.server_address[1]}/msi/token"
 
     def environ(self) -> Dict[str, str]:
-        """Variables that make ``DefaultAzureCredential()`` get tokens here, plus the vault URL and CA."""
-        return {
+        """Variables that bring every stock SDK here unchanged: HTTPS through the proxy (both cases,
+        as Python reads one and JavaScript the other), loopback past it, trust in localvault's CA for
+        requests, aiohttp and Node, and ``DefaultAzureCredential()``'s tokens from this vault. A
+        ``KEY_VAULT_URL`` is the vault's own URL: ``https://127.0.0.1:PORT`` (reached past the proxy, so a
+        client needs ``verify_challenge_resource=False`` and the CA), or a proxied vault's real address.
+        The standalone command's export lines leave it out, so that ``KEY_VAULT_NAME`` can choose."""
+        owner = self if self._parent is None else self._parent
+        variables = {
+            "HTTPS_PROXY": owner.proxy_url,
+            "https_proxy": owner.proxy_url,
+            "NO_PROXY": LOOPBACK,
+            "no_proxy": LOOPBACK,
+            "REQUESTS_CA_BUNDLE": owner.trust_bundle,
+            "SSL_CERT_FILE": owner.trust_bundle,
+            "NODE_EXTRA_CA_CERTS": owner.ca_file,
+            "IDENTITY_ENDPOINT": owner.identity_endpoint,
+            "IDENTITY_HEADER": owner._identity_secret,
+            "LOCALVAULT_URL": owner.url,
+            "LOCALVAULT_CA_FILE": owner.ca_file,
             "KEY_VAULT_URL": self.url,
-            "IDENTITY_ENDPOINT": self.identity_endpoint,
-            "IDENTITY_HEADER": self._identity_secret,
-            "LOCALVAULT_CA_FILE": self.ca_file,
         }
+        return variables
 
     def credential(self) -> LocalVaultCredential:
         """A token credential served by this vault's identity endpoint, independent of os.environ."""
@@ -350,8 +475,11 @@ class LocalVault:
         return CryptographyClient(key, credential or self.credential(), **self._sdk_options(kwargs))
 
     def _sdk_options(self, kwargs: Dict[str, Any]) -> Dict[str, Any]:
-        kwargs.setdefault("verify_challenge_resource", False)
         kwargs.setdefault("connection_verify", self.ca_file)
+        if self._parent is None:  # loopback: the challenge names vault.azure.net, not 127.0.0.1
+            kwargs.setdefault("verify_challenge_resource", False)
+        else:  # the real address, reached through the proxy, with the challenge checked
+            kwargs.setdefault("proxies", {"https": self.proxy_url})
         return kwargs
 
 

@@ -1,40 +1,35 @@
-"""Shared helpers: localvault on the wire, below the SDK; and the environment for kv_keys.py tests."""
+"""Fixtures shared by the tests: nothing leaves loopback, raw requests to localvault, a clean environment and a
+standalone localvault for kv_keys.py, and a KeyClient double. What the tests share besides fixtures is in
+helpers.py."""
 
 from __future__ import annotations
 
-import ipaddress
-import json
 import os
 import signal
 import socket
 import subprocess
 import sys
 import threading
-from datetime import datetime, timezone
-from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List
 from unittest import mock
 
 import pytest
-import requests
-from azure.core.exceptions import HttpResponseError, ResourceNotFoundError
+from azure.keyvault.keys import KeyClient
+from helpers import (
+    EXPORTED_NAMES,
+    REPO,
+    VAULT,
+    VAULT_VARIABLE_PREFIXES,
+    FakePoller,
+    RawVault,
+    fake_key,
+    is_loopback,
+    not_found,
+    use_env,
+)
 
 import kv_keys
-
-API_VERSION = "2025-07-01"
-
-
-def _is_loopback(host: Any) -> bool:
-    if isinstance(host, bytes):
-        host = host.decode("ascii", "replace")
-    host = str(host).strip("[]").lower()
-    if host in ("localhost", ""):
-        return True
-    try:
-        return ipaddress.ip_address(host.split("%")[0]).is_loopback
-    except ValueError:
-        return False
 
 
 @pytest.fixture(autouse=True)
@@ -44,13 +39,13 @@ def only_loopback(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     real_getaddrinfo, real_connect = socket.getaddrinfo, socket.socket.connect
 
     def getaddrinfo(host: Any, *args: Any, **kwargs: Any) -> Any:
-        if host is not None and not _is_loopback(host):
+        if host is not None and not is_loopback(host):
             attempts.append(f"DNS lookup of {host!r}")
             raise socket.gaierror(socket.EAI_NONAME, f"test guard: {host} is not loopback")
         return real_getaddrinfo(host, *args, **kwargs)
 
     def connect(sock: socket.socket, address: Any) -> Any:
-        if sock.family in (socket.AF_INET, socket.AF_INET6) and not _is_loopback(address[0]):
+        if sock.family in (socket.AF_INET, socket.AF_INET6) and not is_loopback(address[0]):
             attempts.append(f"connection to {address!r}")
             raise ConnectionRefusedError(f"test guard: {address[0]} is not loopback")
         return real_connect(sock, address)
@@ -61,29 +56,6 @@ def only_loopback(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     assert not attempts, f"the test tried to leave loopback: {attempts}"
 
 
-class RawVault:
-    """``requests`` against localvault with a real token and its CA trusted; no SDK in between."""
-
-    def __init__(self, vault: Any) -> None:
-        self.vault = vault
-        self.session = requests.Session()
-        self.session.verify = vault.ca_file
-        token = vault.credential().get_token("https://vault.azure.net/.default").token
-        self.session.headers["Authorization"] = f"Bearer {token}"
-
-    def request(
-        self, method: str, path: str, api_version: str = API_VERSION, **kwargs: Any
-    ) -> requests.Response:
-        params = kwargs.pop("params", {})
-        if api_version is not None:
-            params = {"api-version": api_version, **params}
-        kwargs.setdefault("verify", self.vault.ca_file)
-        return self.session.request(method, self.vault.url + path, params=params, timeout=30, **kwargs)
-
-    def close(self) -> None:
-        self.session.close()
-
-
 @pytest.fixture
 def raw(localvault: Any) -> Iterator[RawVault]:
     client = RawVault(localvault)
@@ -91,44 +63,19 @@ def raw(localvault: Any) -> Iterator[RawVault]:
     client.close()
 
 
-def error_of(response: requests.Response) -> dict:
-    """The service's error object, after checking the envelope."""
-    assert response.headers["Content-Type"] == "application/json; charset=utf-8"
-    body = response.json()
-    assert set(body) == {"error"}
-    assert isinstance(body["error"]["code"], str) and isinstance(body["error"]["message"], str)
-    return body["error"]
-
-
-# --------------------------------------------------------------------------------------------------------
-# kv_keys.py tests: a clean environment, a standalone localvault, and a KeyClient double
-# --------------------------------------------------------------------------------------------------------
-
-REPO = Path(__file__).resolve().parent.parent
-KV_KEYS = str(REPO / "kv_keys.py")
-# Variables that choose a vault or a credential; kv_keys tests start without any of them.
-VAULT_VARIABLE_PREFIXES = ("KEY_VAULT_", "IDENTITY_", "LOCALVAULT_", "AZURE_", "MSI_", "IMDS_")
-
-
 @pytest.fixture
 def clean_env() -> Dict[str, str]:
-    """A copy of os.environ without vault, identity, Azure or proxy variables, with DefaultAzureCredential kept to
+    """A copy of os.environ without vault, identity, Azure, proxy or CA-bundle variables, with DefaultAzureCredential kept to
     developer tools (AZURE_TOKEN_CREDENTIALS=dev): for a subprocess, or for this process through use_env()."""
     env = {
         name: value
         for name, value in os.environ.items()
-        if not name.upper().startswith(VAULT_VARIABLE_PREFIXES) and not name.upper().endswith("_PROXY")
+        if not name.upper().startswith(VAULT_VARIABLE_PREFIXES)
+        and not name.upper().endswith("_PROXY")
+        and name not in EXPORTED_NAMES
     }
     env["AZURE_TOKEN_CREDENTIALS"] = "dev"
     return env
-
-
-def use_env(monkeypatch: pytest.MonkeyPatch, env: Dict[str, str]) -> None:
-    """Make os.environ equal to env for this test (monkeypatch puts it back)."""
-    for name in set(os.environ) - set(env):
-        monkeypatch.delenv(name)
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
 
 
 @pytest.fixture
@@ -150,7 +97,7 @@ def standalone_localvault(clean_env: Dict[str, str]) -> Iterator[Dict[str, str]]
         assert process.stdout is not None
         exports = read_exports(process.stdout)
         watchdog.cancel()
-        assert set(exports) == {"KEY_VAULT_URL", "IDENTITY_ENDPOINT", "IDENTITY_HEADER", "LOCALVAULT_CA_FILE"}
+        assert set(exports) == set(EXPORTED_NAMES)
         yield exports
     finally:
         watchdog.cancel()
@@ -161,117 +108,6 @@ def standalone_localvault(clean_env: Dict[str, str]) -> Iterator[Dict[str, str]]
     assert "# localvault stopped." in rest
 
 
-def error_lines(stderr: str) -> List[str]:
-    """kv_keys.py's report: `error: ...`, `hint: ...`, then only `cleanup:` lines, and no traceback. A first
-    line that says a Ctrl-C is being handled (`finishing the ... request`) may come before it."""
-    lines = [line for line in stderr.strip().splitlines() if line and not line.startswith("finishing the ")]
-    assert "Traceback" not in stderr
-    assert lines[0].startswith("error: ") and lines[1].startswith("hint: "), stderr
-    assert all(line.startswith("cleanup: ") for line in lines[2:]), stderr
-    return lines
-
-
-# --------------------------------------------------------------------------------------------------------
-# kv_keys.py unit tests: a KeyClient double whose errors are the real azure.core exception classes, built
-# the way the SDK builds them from an HTTP response; kv_keys.make_client is patched to return it
-# --------------------------------------------------------------------------------------------------------
-
-VAULT = "quickstart-vault"
-NAME = "unit-key"
-DAC_FAILURE = (
-    "DefaultAzureCredential failed to retrieve a token from the included credentials.\n"
-    "Attempted credentials:\n"
-    "\tEnvironmentCredential: EnvironmentCredential authentication unavailable. "
-    "Environment variables are not fully configured.\n"
-    "\tSharedTokenCacheCredential: SharedTokenCacheCredential authentication unavailable. "
-    "No accounts were found in the cache.\n"
-    "\tAzureCliCredential: Azure CLI not found on path\n"
-    "\tAzurePowerShellCredential: PowerShell is not installed\n"
-    "To mitigate this issue, please refer to the troubleshooting guidelines here at "
-    "https://aka.ms/azsdk/python/identity/defaultazurecredential/troubleshoot."
-)
-RECOVERABLE = (
-    f"Key {NAME} is currently in a deleted but recoverable state, and its name cannot be reused; "
-    "in this state, the key can only be recovered or purged."
-)
-
-
-class FakeResponse:
-    """Just enough of azure.core's HttpResponse for HttpResponseError to read status and error body."""
-
-    def __init__(self, status: int, code: str, message: str) -> None:
-        self.status_code = status
-        self.reason = {401: "Unauthorized", 403: "Forbidden", 404: "Not Found", 409: "Conflict"}.get(
-            status, "Error"
-        )
-        self.headers: Dict[str, str] = {"content-type": "application/json"}
-        self.content_type = "application/json"
-        self.request = None
-        self._body = json.dumps({"error": {"code": code, "message": message}})
-
-    def text(self, encoding: Optional[str] = None) -> str:
-        return self._body
-
-
-def http_error(cls: type, status: int, code: str, message: str) -> HttpResponseError:
-    return cls(response=FakeResponse(status, code, message))
-
-
-def not_found() -> ResourceNotFoundError:
-    return http_error(
-        ResourceNotFoundError, 404, "KeyNotFound", f"A key with (name/id) {NAME} was not found."
-    )
-
-
-def forbidden(operation: str = "get") -> HttpResponseError:
-    return http_error(
-        HttpResponseError,
-        403,
-        "Forbidden",
-        f"The user, group or application 'appid=x;oid=y' does not have keys {operation} permission on key vault "
-        f"'{VAULT};location=westeurope'.",
-    )
-
-
-def fake_key(version: str = "v1", kty: str = "RSA") -> SimpleNamespace:
-    material = (
-        SimpleNamespace(n=b"\xc3" * 256, crv=None) if kty.startswith("RSA") else SimpleNamespace(crv="P-384")
-    )
-    return SimpleNamespace(
-        id=f"https://{VAULT}.vault.azure.net/keys/{NAME}/{version}",
-        name=NAME,
-        key_type=kty,
-        key_operations=["sign", "verify"],
-        key=material,
-        properties=SimpleNamespace(
-            version=version, enabled=True, created_on=datetime(2025, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
-        ),
-    )
-
-
-def fake_deleted() -> SimpleNamespace:
-    return SimpleNamespace(
-        name=NAME,
-        recovery_id=f"https://{VAULT}.vault.azure.net/deletedkeys/{NAME}",
-        scheduled_purge_date=datetime(2025, 4, 2, tzinfo=timezone.utc),
-        deleted_date=datetime(2025, 1, 2, tzinfo=timezone.utc),
-    )
-
-
-class FakePoller:
-    def __init__(self, wait_error: Optional[BaseException] = None) -> None:
-        self.wait_error = wait_error
-        self.waited = 0
-
-    def wait(self, timeout: Optional[float] = None) -> None:
-        self.waited += 1
-        if self.wait_error:
-            raise self.wait_error
-
-    def result(self) -> SimpleNamespace:
-        return fake_deleted()
-
-
 @pytest.fixture
 def azure_vault_env(clean_env: Dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
     """A clean os.environ naming an Azure vault (KEY_VAULT_NAME); nothing is sent there: make_client is a fake."""
@@ -279,9 +115,10 @@ def azure_vault_env(clean_env: Dict[str, str], monkeypatch: pytest.MonkeyPatch) 
 
 
 @pytest.fixture
-def client(monkeypatch: pytest.MonkeyPatch) -> mock.MagicMock:
-    """A KeyClient double for the happy path: the name is free, create works, get finds the same version."""
-    fake = mock.MagicMock(name="KeyClient")
+def fake_client(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """A KeyClient double, specced on KeyClient, for the happy path: the name is free, create works, get finds
+    the same version. kv_keys.make_client returns it; that factory is its `factory` attribute."""
+    fake = mock.create_autospec(KeyClient, instance=True)
     fake.get_key.side_effect = [not_found(), fake_key()]
     fake.get_deleted_key.side_effect = not_found()
     fake.create_rsa_key.return_value = fake_key()
@@ -292,19 +129,3 @@ def client(monkeypatch: pytest.MonkeyPatch) -> mock.MagicMock:
     monkeypatch.setattr(kv_keys, "make_client", factory)
     fake.factory = factory
     return fake
-
-
-def run(capsys: pytest.CaptureFixture[str], *argv: str) -> Tuple[int, str, str]:
-    code = kv_keys.main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_one_error(err: str) -> List[str]:
-    """An error is exactly `error: ...` then `hint: ...` (cleanup lines may follow), never a traceback."""
-    lines = err.strip().splitlines()
-    assert "Traceback" not in err
-    assert lines[0].startswith("error: "), err
-    assert lines[1].startswith("hint: "), err
-    assert not any(line.startswith(("error:", "hint:")) for line in lines[2:]), err
-    return lines

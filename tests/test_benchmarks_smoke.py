@@ -67,3 +67,16 @@ def test_the_final_check_finds_what_the_vault_does_not_hold(key_client, unique_k
     assert soak.verify(key_client, model) == [
         f"{unique_key_name}: the vault has it deleted, the client left it active"
     ]
+
+
+def test_the_proxy_benchmark_runs_both_modes() -> None:
+    command = [sys.executable, str(ROOT / "benchmarks" / "localvault_proxy.py")]
+    command += ["--clients", "1", "--seconds", "0.3", "--rounds", "1"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=180, cwd=ROOT)
+    assert done.returncode == 0, done.stdout + done.stderr
+    for operation in ("get_key", "RS256 sign"):
+        for mode in ("direct", "proxy"):
+            assert any(
+                line.split(":")[0].split() == [*operation.split(), mode] for line in done.stdout.splitlines()
+            )
+        assert f"{operation} direct/proxy throughput: " in done.stdout

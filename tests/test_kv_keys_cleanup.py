@@ -1,6 +1,6 @@
 """kv_keys.py with a KeyClient double: the cleanup after a failure or Ctrl-C, and waiting for the deletion.
 
-kv_keys.make_client is patched (fixture `client` in conftest.py), so no test here sends anything anywhere.
+kv_keys.make_client is patched (fixture `fake_client` in conftest.py), so no test here sends anything anywhere.
 """
 
 from __future__ import annotations
@@ -19,11 +19,10 @@ from azure.core.exceptions import (
     ServiceResponseError,
     ServiceResponseTimeoutError,
 )
-from conftest import (
+from helpers import (
     NAME,
     VAULT,
     FakePoller,
-    assert_one_error,
     error_lines,
     fake_deleted,
     fake_key,
@@ -43,36 +42,36 @@ pytestmark = pytest.mark.usefixtures("azure_vault_env")
 
 
 def test_cleanup_when_get_fails_after_create(
-    client: mock.MagicMock, capsys: pytest.CaptureFixture[str]
+    fake_client: mock.NonCallableMagicMock, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    client.get_key.side_effect = [not_found(), forbidden()]
+    fake_client.get_key.side_effect = [not_found(), forbidden()]
     code, _, err = run(capsys, "--name", NAME)
     assert code == kv_keys.ExitStatus.PERMISSION
-    assert_one_error(err)
-    client.begin_delete_key.assert_called_once_with(NAME)
+    error_lines(err)
+    fake_client.begin_delete_key.assert_called_once_with(NAME)
     assert f"cleanup: done, the key '{NAME}' created by this run is deleted." in err
 
 
 def test_keep_means_no_cleanup_after_a_failure(
-    client: mock.MagicMock, capsys: pytest.CaptureFixture[str]
+    fake_client: mock.NonCallableMagicMock, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    client.get_key.side_effect = [not_found(), forbidden()]
+    fake_client.get_key.side_effect = [not_found(), forbidden()]
     code, _, err = run(capsys, "--name", NAME, "--keep")
     assert code == kv_keys.ExitStatus.PERMISSION
-    assert_one_error(err)
-    client.begin_delete_key.assert_not_called()
+    error_lines(err)
+    fake_client.begin_delete_key.assert_not_called()
     assert (
         f"cleanup: skipped (--keep): https://{VAULT}.vault.azure.net/keys/{NAME}/v1 stays in {VAULT}; "
         f"to delete it: az keyvault key delete --vault-name {VAULT} --name {NAME}"
     ) in err
 
 
-def test_cleanup_when_delete_fails(client: mock.MagicMock, capsys: pytest.CaptureFixture[str]) -> None:
-    client.begin_delete_key.side_effect = forbidden("delete")
+def test_cleanup_when_delete_fails(fake_client: mock.NonCallableMagicMock, capsys: pytest.CaptureFixture[str]) -> None:
+    fake_client.begin_delete_key.side_effect = forbidden("delete")
     code, _, err = run(capsys, "--name", NAME)
     assert code == kv_keys.ExitStatus.PERMISSION
-    assert_one_error(err)
-    client.begin_delete_key.assert_called_once_with(NAME)  # refused: asking again would change nothing
+    error_lines(err)
+    fake_client.begin_delete_key.assert_called_once_with(NAME)  # refused: asking again would change nothing
     assert (
         f"cleanup: the vault refused the deletion: the key https://{VAULT}.vault.azure.net/keys/{NAME}/v1 "
         f"is still in {VAULT}"
@@ -81,39 +80,39 @@ def test_cleanup_when_delete_fails(client: mock.MagicMock, capsys: pytest.Captur
 
 
 def test_failure_while_waiting_for_deletion(
-    client: mock.MagicMock, capsys: pytest.CaptureFixture[str]
+    fake_client: mock.NonCallableMagicMock, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    client.begin_delete_key.return_value = FakePoller(
+    fake_client.begin_delete_key.return_value = FakePoller(
         wait_error=http_error(HttpResponseError, 500, "Oops", "Oops.")
     )
     code, _, err = run(capsys, "--name", NAME)
     assert code == kv_keys.ExitStatus.SERVICE
-    assert_one_error(err)
-    client.begin_delete_key.assert_called_once()
+    error_lines(err)
+    fake_client.begin_delete_key.assert_called_once()
     assert "deletion of 'unit-key' was requested" in err
 
 
-def test_ctrl_c_between_create_and_delete(client: mock.MagicMock, capsys: pytest.CaptureFixture[str]) -> None:
-    client.get_key.side_effect = [not_found(), KeyboardInterrupt()]
+def test_ctrl_c_between_create_and_delete(fake_client: mock.NonCallableMagicMock, capsys: pytest.CaptureFixture[str]) -> None:
+    fake_client.get_key.side_effect = [not_found(), KeyboardInterrupt()]
     code, _, err = run(capsys, "--name", NAME)
     assert code == kv_keys.ExitStatus.INTERRUPTED
-    lines = assert_one_error(err)
+    lines = error_lines(err)
     assert lines[:2] == [
         "error: interrupted (Ctrl-C)",
         "hint: the key that this run created was deleted (see below)",
     ]
-    client.begin_delete_key.assert_called_once_with(NAME)
+    fake_client.begin_delete_key.assert_called_once_with(NAME)
     assert lines[2:] == [f"cleanup: done, the key '{NAME}' created by this run is deleted."]
 
 
 def test_second_ctrl_c_during_cleanup_is_reported(
-    client: mock.MagicMock, capsys: pytest.CaptureFixture[str]
+    fake_client: mock.NonCallableMagicMock, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    client.get_key.side_effect = [not_found(), KeyboardInterrupt()]
-    client.begin_delete_key.side_effect = KeyboardInterrupt()
+    fake_client.get_key.side_effect = [not_found(), KeyboardInterrupt()]
+    fake_client.begin_delete_key.side_effect = KeyboardInterrupt()
     code, _, err = run(capsys, "--name", NAME)
     assert code == kv_keys.ExitStatus.INTERRUPTED
-    lines = assert_one_error(err)
+    lines = error_lines(err)
     assert (
         lines[1]
         == f"hint: the key that this run created may still be in {VAULT}: delete it yourself (see below)"
@@ -126,17 +125,17 @@ def test_second_ctrl_c_during_cleanup_is_reported(
 
 
 def test_ctrl_c_during_the_delete_request_is_not_reported_as_a_failed_cleanup(
-    client: mock.MagicMock, capsys: pytest.CaptureFixture[str]
+    fake_client: mock.NonCallableMagicMock, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # Ctrl-C while DELETE was in flight: the vault deleted the key, so cleanup's own delete answers 404.
-    client.begin_delete_key.side_effect = [KeyboardInterrupt(), not_found()]
-    client.get_deleted_key.side_effect = [
+    fake_client.begin_delete_key.side_effect = [KeyboardInterrupt(), not_found()]
+    fake_client.get_deleted_key.side_effect = [
         not_found(),
         fake_deleted(),
     ]  # the name check, then the confirmation
     code, _, err = run(capsys, "--name", NAME)
     assert code == kv_keys.ExitStatus.INTERRUPTED
-    lines = assert_one_error(err)
+    lines = error_lines(err)
     assert (
         lines[1]
         == "hint: the key that this run created is deleted: its deletion had gone through (see below)"
@@ -147,18 +146,18 @@ def test_ctrl_c_during_the_delete_request_is_not_reported_as_a_failed_cleanup(
         "until 2025-04-02 00:00:00+00:00."
     ]
     assert "cleanup failed" not in err and "still in" not in err
-    assert client.begin_delete_key.call_count == 2
-    assert client.get_deleted_key.call_args_list == [mock.call(NAME), mock.call(NAME)]
+    assert fake_client.begin_delete_key.call_count == 2
+    assert fake_client.get_deleted_key.call_args_list == [mock.call(NAME), mock.call(NAME)]
 
 
 def test_already_deleted_without_a_deleted_key_to_show(
-    client: mock.MagicMock, capsys: pytest.CaptureFixture[str]
+    fake_client: mock.NonCallableMagicMock, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    client.get_key.side_effect = [not_found(), http_error(HttpResponseError, 500, "Oops", "Oops.")]
-    client.begin_delete_key.side_effect = not_found()  # e.g. someone else deleted it meanwhile
+    fake_client.get_key.side_effect = [not_found(), http_error(HttpResponseError, 500, "Oops", "Oops.")]
+    fake_client.begin_delete_key.side_effect = not_found()  # e.g. someone else deleted it meanwhile
     code, _, err = run(capsys, "--name", NAME)
     assert code == kv_keys.ExitStatus.SERVICE
-    lines = assert_one_error(err)
+    lines = error_lines(err)
     assert lines[2:] == [
         f"cleanup: nothing left to delete: {VAULT} answered that '{NAME}' is not there, it was already deleted."
     ]
@@ -175,13 +174,13 @@ def ctrl_c() -> None:
 
 
 def test_first_ctrl_c_during_create_lets_it_finish_then_deletes_the_key(
-    client: mock.MagicMock, capsys: pytest.CaptureFixture[str]
+    fake_client: mock.NonCallableMagicMock, capsys: pytest.CaptureFixture[str]
 ) -> None:
     def create(name: str, size: int, **kwargs: Any) -> Any:
         ctrl_c()  # while the request is in flight: the vault still answers it
         return fake_key()
 
-    client.create_rsa_key.side_effect = create
+    fake_client.create_rsa_key.side_effect = create
     code, out, err = run(capsys, "--name", NAME)
     assert code == kv_keys.ExitStatus.INTERRUPTED
     assert err.startswith("\nfinishing the create request, then cleaning up; Ctrl-C again to stop now\n")
@@ -191,14 +190,14 @@ def test_first_ctrl_c_during_create_lets_it_finish_then_deletes_the_key(
         "hint: the key that this run created was deleted (see below)",
     ]
     assert lines[2:] == [f"cleanup: done, the key '{NAME}' created by this run is deleted."]
-    client.list_properties_of_key_versions.assert_called_once_with(NAME)  # ours alone, then deleted
-    client.begin_delete_key.assert_called_once_with(NAME)
+    fake_client.list_properties_of_key_versions.assert_called_once_with(NAME)  # ours alone, then deleted
+    fake_client.begin_delete_key.assert_called_once_with(NAME)
     assert "Creating a key" in out and " done." not in out  # the run stopped once the create was answered
 
 
 @pytest.mark.parametrize("how", ["second Ctrl-C", "KeyboardInterrupt in the request"])
 def test_ctrl_c_that_cuts_the_create_off_says_the_key_may_exist(
-    how: str, client: mock.MagicMock, capsys: pytest.CaptureFixture[str]
+    how: str, fake_client: mock.NonCallableMagicMock, capsys: pytest.CaptureFixture[str]
 ) -> None:
     def create(name: str, size: int, **kwargs: Any) -> Any:
         if how == "second Ctrl-C":
@@ -206,7 +205,7 @@ def test_ctrl_c_that_cuts_the_create_off_says_the_key_may_exist(
             ctrl_c()  # ... the second stops the run at once (raises KeyboardInterrupt)
         raise KeyboardInterrupt  # Python's own handler, where kv_keys cannot install its own
 
-    client.create_rsa_key.side_effect = create
+    fake_client.create_rsa_key.side_effect = create
     code, _, err = run(capsys, "--name", NAME)
     assert code == kv_keys.ExitStatus.INTERRUPTED
     lines = error_lines(err)
@@ -220,8 +219,8 @@ def test_ctrl_c_that_cuts_the_create_off_says_the_key_may_exist(
         f"cleanup: if it exists, delete it: az keyvault key delete --vault-name {VAULT} --name {NAME}",
     ]
     assert "nothing was created" not in err
-    assert client.get_key.call_count == 1  # the name check only: a lookup now would prove nothing
-    client.begin_delete_key.assert_not_called()
+    assert fake_client.get_key.call_count == 1  # the name check only: a lookup now would prove nothing
+    fake_client.begin_delete_key.assert_not_called()
 
 
 @pytest.mark.parametrize(
@@ -233,10 +232,10 @@ def test_ctrl_c_that_cuts_the_create_off_says_the_key_may_exist(
     ],
 )
 def test_lost_answer_to_the_create_says_the_key_may_exist(
-    lost: Exception, client: mock.MagicMock, capsys: pytest.CaptureFixture[str]
+    lost: Exception, fake_client: mock.NonCallableMagicMock, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # Azure: azure-core retries no create (a POST) whose answer was lost; the key may exist.
-    client.create_rsa_key.side_effect = lost
+    fake_client.create_rsa_key.side_effect = lost
     code, _, err = run(capsys, "--name", NAME)
     lines = error_lines(err)
     assert code == kv_keys.ExitStatus.UNREACHABLE
@@ -249,32 +248,32 @@ def test_lost_answer_to_the_create_says_the_key_may_exist(
     assert str(lost) in lines[0]
     assert lines[2].endswith(f"to check: az keyvault key show --vault-name {VAULT} --name {NAME}")
     assert lines[3].endswith(f"delete it: az keyvault key delete --vault-name {VAULT} --name {NAME}")
-    assert client.get_key.call_count == 1
-    client.begin_delete_key.assert_not_called()
+    assert fake_client.get_key.call_count == 1
+    fake_client.begin_delete_key.assert_not_called()
 
 
 def test_second_ctrl_c_during_the_create_stops_at_once_even_with_keep(
-    client: mock.MagicMock, capsys: pytest.CaptureFixture[str]
+    fake_client: mock.NonCallableMagicMock, capsys: pytest.CaptureFixture[str]
 ) -> None:
     def create(name: str, size: int, **kwargs: Any) -> Any:
         ctrl_c()
         ctrl_c()
         raise AssertionError("the second Ctrl-C must stop the run")
 
-    client.create_rsa_key.side_effect = create
+    fake_client.create_rsa_key.side_effect = create
     code, _, err = run(capsys, "--name", NAME, "--keep")
     assert code == kv_keys.ExitStatus.INTERRUPTED
     assert "may exist" in error_lines(err)[1]
 
 
 def test_first_ctrl_c_during_the_delete_request_lets_it_finish(
-    client: mock.MagicMock, capsys: pytest.CaptureFixture[str]
+    fake_client: mock.NonCallableMagicMock, capsys: pytest.CaptureFixture[str]
 ) -> None:
     def delete(name: str) -> FakePoller:
         ctrl_c()
         return FakePoller()
 
-    client.begin_delete_key.side_effect = delete
+    fake_client.begin_delete_key.side_effect = delete
     code, _, err = run(capsys, "--name", NAME)
     assert code == kv_keys.ExitStatus.INTERRUPTED
     assert "finishing the delete request, then cleaning up; Ctrl-C again to stop now" in err
@@ -282,47 +281,47 @@ def test_first_ctrl_c_during_the_delete_request_lets_it_finish(
         "hint: the key that this run created is deleted; the vault finishes the deletion by itself",
         f"cleanup: the deletion of '{NAME}' was requested; the vault completes it.",
     ]
-    client.begin_delete_key.assert_called_once_with(NAME)
-    assert client.begin_delete_key.return_value.waited == 0  # stopped before waiting
+    fake_client.begin_delete_key.assert_called_once_with(NAME)
+    assert fake_client.begin_delete_key.return_value.waited == 0  # stopped before waiting
 
 
 def test_first_ctrl_c_during_the_purge_request_lets_it_finish(
-    client: mock.MagicMock, capsys: pytest.CaptureFixture[str]
+    fake_client: mock.NonCallableMagicMock, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    client.purge_deleted_key.side_effect = lambda name: ctrl_c()
+    fake_client.purge_deleted_key.side_effect = lambda name: ctrl_c()
     code, _, err = run(capsys, "--name", NAME, "--purge")
     assert code == kv_keys.ExitStatus.INTERRUPTED
     assert error_lines(err)[1:] == ["hint: the key that this run created is deleted, and purged"]
 
 
 def test_first_ctrl_c_during_the_cleanups_delete_lets_it_finish(
-    client: mock.MagicMock, capsys: pytest.CaptureFixture[str]
+    fake_client: mock.NonCallableMagicMock, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # A failure after the create; during the cleanup's delete, Ctrl-C: the delete still finishes, and says so.
-    client.get_key.side_effect = [not_found(), http_error(HttpResponseError, 500, "Oops", "Oops.")]
-    client.begin_delete_key.side_effect = lambda name: ctrl_c()
+    fake_client.get_key.side_effect = [not_found(), http_error(HttpResponseError, 500, "Oops", "Oops.")]
+    fake_client.begin_delete_key.side_effect = lambda name: ctrl_c()
     code, _, err = run(capsys, "--name", NAME)
     assert code == kv_keys.ExitStatus.INTERRUPTED
     assert "finishing the delete request; Ctrl-C again to stop now" in err
     assert error_lines(err)[2:] == [f"cleanup: done, the key '{NAME}' created by this run is deleted."]
 
 
-def test_refused_create_needs_no_lookup(client: mock.MagicMock, capsys: pytest.CaptureFixture[str]) -> None:
-    client.create_rsa_key.side_effect = forbidden("create")
+def test_refused_create_needs_no_lookup(fake_client: mock.NonCallableMagicMock, capsys: pytest.CaptureFixture[str]) -> None:
+    fake_client.create_rsa_key.side_effect = forbidden("create")
     code, _, err = run(capsys, "--name", NAME)
     assert code == kv_keys.ExitStatus.PERMISSION
-    assert len(assert_one_error(err)) == 2
-    assert client.get_key.call_count == 1  # the name check only
+    assert len(error_lines(err)) == 2
+    assert fake_client.get_key.call_count == 1  # the name check only
 
 
 def test_ctrl_c_after_create_with_unknown_ownership_deletes_nothing_and_says_so(
-    client: mock.MagicMock, capsys: pytest.CaptureFixture[str]
+    fake_client: mock.NonCallableMagicMock, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    client.list_properties_of_key_versions.side_effect = forbidden("list")
-    client.get_key.side_effect = [not_found(), KeyboardInterrupt()]
+    fake_client.list_properties_of_key_versions.side_effect = forbidden("list")
+    fake_client.get_key.side_effect = [not_found(), KeyboardInterrupt()]
     code, _, err = run(capsys, "--name", NAME)
     assert code == kv_keys.ExitStatus.INTERRUPTED
-    lines = assert_one_error(err)
+    lines = error_lines(err)
     assert lines[1] == (
         f"hint: nothing was deleted: this run cannot tell whether the key '{NAME}' holds versions that it did "
         "not create (see below)"
@@ -336,42 +335,42 @@ def test_ctrl_c_after_create_with_unknown_ownership_deletes_nothing_and_says_so(
         == f"cleanup: if the key is yours alone, delete it: az keyvault key delete --vault-name {VAULT} --name {NAME}"
     )
     assert "deleted now" not in err and "cleanup: done" not in err
-    client.begin_delete_key.assert_not_called()
+    fake_client.begin_delete_key.assert_not_called()
 
 
-def test_ctrl_c_during_purge(client: mock.MagicMock, capsys: pytest.CaptureFixture[str]) -> None:
-    client.purge_deleted_key.side_effect = KeyboardInterrupt()
+def test_ctrl_c_during_purge(fake_client: mock.NonCallableMagicMock, capsys: pytest.CaptureFixture[str]) -> None:
+    fake_client.purge_deleted_key.side_effect = KeyboardInterrupt()
     code, _, err = run(capsys, "--name", NAME, "--purge")
     assert code == kv_keys.ExitStatus.INTERRUPTED
-    assert assert_one_error(err) == [
+    assert error_lines(err) == [
         "error: interrupted (Ctrl-C)",
         "hint: the key that this run created is deleted, but perhaps not purged; to purge it: "
         f"az keyvault key purge --vault-name {VAULT} --name {NAME}",
     ]
-    client.begin_delete_key.assert_called_once()
+    fake_client.begin_delete_key.assert_called_once()
 
 
 def test_ctrl_c_while_waiting_for_the_deletion(
-    client: mock.MagicMock, capsys: pytest.CaptureFixture[str]
+    fake_client: mock.NonCallableMagicMock, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    client.begin_delete_key.return_value = FakePoller(wait_error=KeyboardInterrupt())
+    fake_client.begin_delete_key.return_value = FakePoller(wait_error=KeyboardInterrupt())
     code, _, err = run(capsys, "--name", NAME)
     assert code == kv_keys.ExitStatus.INTERRUPTED
-    assert assert_one_error(err)[1:] == [
+    assert error_lines(err)[1:] == [
         "hint: the key that this run created is deleted; the vault finishes the deletion by itself",
         f"cleanup: the deletion of '{NAME}' was requested; the vault completes it.",
     ]
-    client.begin_delete_key.assert_called_once()
+    fake_client.begin_delete_key.assert_called_once()
 
 
 def test_ctrl_c_before_create_created_nothing(
-    client: mock.MagicMock, capsys: pytest.CaptureFixture[str]
+    fake_client: mock.NonCallableMagicMock, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    client.get_deleted_key.side_effect = KeyboardInterrupt()
+    fake_client.get_deleted_key.side_effect = KeyboardInterrupt()
     code, _, err = run(capsys, "--name", NAME)
     assert code == kv_keys.ExitStatus.INTERRUPTED
-    assert assert_one_error(err) == ["error: interrupted (Ctrl-C)", "hint: nothing was created"]
-    client.create_rsa_key.assert_not_called()
+    assert error_lines(err) == ["error: interrupted (Ctrl-C)", "hint: nothing was created"]
+    fake_client.create_rsa_key.assert_not_called()
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -395,19 +394,19 @@ class Terminal(io.StringIO):
         return super().write(text)
 
 
-def test_spinner_on_a_terminal(client: mock.MagicMock, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_spinner_on_a_terminal(fake_client: mock.NonCallableMagicMock, monkeypatch: pytest.MonkeyPatch) -> None:
     terminal = Terminal()
     monkeypatch.setattr(sys, "stdout", terminal)
     poller = FakePoller()
     poller.wait = lambda timeout=None: terminal.spun.wait(30)  # type: ignore[method-assign]
-    client.begin_delete_key.return_value = poller
+    fake_client.begin_delete_key.return_value = poller
     assert kv_keys.main(["--name", NAME]) == 0
     out = terminal.getvalue()
     assert "\r  waiting until the deletion has finished | 0." in out
     assert "\r\033[K" in out
 
 
-def test_plain_lines_when_not_a_terminal(client: mock.MagicMock, capsys: pytest.CaptureFixture[str]) -> None:
+def test_plain_lines_when_not_a_terminal(fake_client: mock.NonCallableMagicMock, capsys: pytest.CaptureFixture[str]) -> None:
     _, out, _ = run(capsys, "--name", NAME)
     assert "  waiting until the deletion has finished ...\n done.\n" in out
     assert "\r" not in out

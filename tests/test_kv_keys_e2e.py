@@ -16,7 +16,7 @@ from typing import Dict, List, Optional
 import pytest
 from azure.core.exceptions import ResourceNotFoundError
 from azure.keyvault.keys import KeyClient
-from conftest import KV_KEYS, REPO, error_lines, use_env
+from helpers import KV_KEYS, REPO, error_lines, use_env
 
 from localvault import LocalVault
 
@@ -102,8 +102,8 @@ def test_session_vault_through_its_environment(
 def test_vault_url_option_against_a_standalone_localvault(
     standalone_localvault: Dict[str, str], clean_env: Dict[str, str]
 ) -> None:
-    url = standalone_localvault.pop("KEY_VAULT_URL")
-    env = dict(clean_env, **standalone_localvault)  # no KEY_VAULT_URL: the vault comes from --vault-url
+    url = standalone_localvault["LOCALVAULT_URL"]
+    env = dict(clean_env, **standalone_localvault)  # the export lines carry no KEY_VAULT_URL: the vault comes from --vault-url
     result = kv_keys("--vault-url", url, "--name", "standalone-key", "--purge", env=env)
     assert result.returncode == 0, result.stderr
     assert f"Creating a key in {url} called 'standalone-key' ..." in result.stdout
@@ -113,11 +113,13 @@ def test_vault_url_option_against_a_standalone_localvault(
 def test_standalone_ca_is_not_trusted_without_its_variable(
     standalone_localvault: Dict[str, str], clean_env: Dict[str, str]
 ) -> None:
-    # The CA is trusted only through LOCALVAULT_CA_FILE and only for that vault: without it TLS is verified
-    # against the normal trust store, and fails.
+    # At its direct URL the CA is trusted only through LOCALVAULT_CA_FILE or the exported CA bundles: without
+    # them TLS is verified against the normal trust store, and fails.
     env = dict(clean_env, **standalone_localvault)
-    del env["LOCALVAULT_CA_FILE"]
-    lines = assert_error(kv_keys("--name", "no-ca-key", env=env), 5)
+    for name in ("LOCALVAULT_CA_FILE", "REQUESTS_CA_BUNDLE", "SSL_CERT_FILE"):
+        del env[name]
+    url = standalone_localvault["LOCALVAULT_URL"]
+    lines = assert_error(kv_keys("--vault-url", url, "--name", "no-ca-key", env=env), 5)
     assert "TLS failed" in lines[0]
     assert "LOCALVAULT_CA_FILE" in lines[1]
 

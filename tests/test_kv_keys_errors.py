@@ -1,6 +1,6 @@
 """kv_keys.py with a KeyClient double: each failure is one line, a hint and its exit code.
 
-kv_keys.make_client is patched (fixture `client` in conftest.py), so no test here sends anything anywhere.
+kv_keys.make_client is patched (fixture `fake_client` in conftest.py), so no test here sends anything anywhere.
 """
 
 from __future__ import annotations
@@ -20,12 +20,11 @@ from azure.core.exceptions import (
     ServiceRequestError,
 )
 from azure.identity import CredentialUnavailableError
-from conftest import (
+from helpers import (
     DAC_FAILURE,
     NAME,
     RECOVERABLE,
     VAULT,
-    assert_one_error,
     error_lines,
     fake_deleted,
     fake_key,
@@ -44,27 +43,27 @@ pytestmark = pytest.mark.usefixtures("azure_vault_env")
 # --------------------------------------------------------------------------------------------------------
 
 
-def test_credential_failure(client: mock.MagicMock, capsys: pytest.CaptureFixture[str]) -> None:
-    client.get_key.side_effect = ClientAuthenticationError(message=DAC_FAILURE)
+def test_credential_failure(fake_client: mock.NonCallableMagicMock, capsys: pytest.CaptureFixture[str]) -> None:
+    fake_client.get_key.side_effect = ClientAuthenticationError(message=DAC_FAILURE)
     code, _, err = run(capsys, "--name", NAME)
     assert code == kv_keys.ExitStatus.AUTH
-    lines = assert_one_error(err)
+    lines = error_lines(err)
     assert lines[0] == (
         "error: authentication failed: DefaultAzureCredential tried Environment (not configured), "
         "SharedTokenCache (not signed in), AzureCli (not installed), AzurePowerShell (not installed), "
         "and none gave a token"
     )
     assert "az login" in lines[1]
-    client.create_rsa_key.assert_not_called()
+    fake_client.create_rsa_key.assert_not_called()
 
 
-def test_credential_unavailable(client: mock.MagicMock, capsys: pytest.CaptureFixture[str]) -> None:
-    client.get_key.side_effect = CredentialUnavailableError(
+def test_credential_unavailable(fake_client: mock.NonCallableMagicMock, capsys: pytest.CaptureFixture[str]) -> None:
+    fake_client.get_key.side_effect = CredentialUnavailableError(
         message="EnvironmentCredential authentication unavailable."
     )
     code, _, err = run(capsys, "--name", NAME)
     assert code == kv_keys.ExitStatus.AUTH
-    assert "az login" in assert_one_error(err)[1]
+    assert "az login" in error_lines(err)[1]
 
 
 def test_real_default_azure_credential_failure_is_summarised(tmp_path: Path) -> None:
@@ -85,53 +84,53 @@ def test_real_default_azure_credential_failure_is_summarised(tmp_path: Path) -> 
     assert "\n" not in failure.message
 
 
-def test_vault_rejects_token_401(client: mock.MagicMock, capsys: pytest.CaptureFixture[str]) -> None:
-    client.get_key.side_effect = http_error(
+def test_vault_rejects_token_401(fake_client: mock.NonCallableMagicMock, capsys: pytest.CaptureFixture[str]) -> None:
+    fake_client.get_key.side_effect = http_error(
         ClientAuthenticationError, 401, "Unauthorized", "AKV10032: Invalid issuer."
     )
     code, _, err = run(capsys, "--name", NAME)
     assert code == kv_keys.ExitStatus.AUTH
-    assert "az login --tenant" in assert_one_error(err)[1]
+    assert "az login --tenant" in error_lines(err)[1]
 
 
 def test_401_with_localvault_identity_variables_says_so(
-    client: mock.MagicMock, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    fake_client: mock.NonCallableMagicMock, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("IDENTITY_ENDPOINT", "http://127.0.0.1:9/msi/token")
     monkeypatch.setenv("IDENTITY_HEADER", "secret")
-    client.get_key.side_effect = http_error(
+    fake_client.get_key.side_effect = http_error(
         ClientAuthenticationError, 401, "Unauthorized", "AKV10032: Invalid issuer."
     )
     code, _, err = run(capsys, "--name", NAME)
     assert code == kv_keys.ExitStatus.AUTH
-    assert "unset them" in assert_one_error(err)[1]
+    assert "unset them" in error_lines(err)[1]
 
 
-def test_permission_denied_403(client: mock.MagicMock, capsys: pytest.CaptureFixture[str]) -> None:
-    client.get_key.side_effect = forbidden()
-    client.create_rsa_key.side_effect = forbidden("create")
+def test_permission_denied_403(fake_client: mock.NonCallableMagicMock, capsys: pytest.CaptureFixture[str]) -> None:
+    fake_client.get_key.side_effect = forbidden()
+    fake_client.create_rsa_key.side_effect = forbidden("create")
     code, _, err = run(capsys, "--name", NAME)
     assert code == kv_keys.ExitStatus.PERMISSION
-    lines = assert_one_error(err)
+    lines = error_lines(err)
     assert "does not have keys create permission" in lines[0]
     assert f"az keyvault set-policy --name {VAULT} " in lines[1]
     assert "--key-permissions get list create delete purge" in lines[1]
     assert '"Key Vault Crypto Officer"' in lines[1]
     assert f"az keyvault show --name {VAULT}" in lines[1]
-    client.begin_delete_key.assert_not_called()
+    fake_client.begin_delete_key.assert_not_called()
 
 
-def test_firewall_403(client: mock.MagicMock, capsys: pytest.CaptureFixture[str]) -> None:
-    client.get_key.side_effect = http_error(
+def test_firewall_403(fake_client: mock.NonCallableMagicMock, capsys: pytest.CaptureFixture[str]) -> None:
+    fake_client.get_key.side_effect = http_error(
         HttpResponseError,
         403,
         "Forbidden",
         "Client address is not authorized and caller is not a trusted service.",
     )
-    client.create_rsa_key.side_effect = client.get_key.side_effect
+    fake_client.create_rsa_key.side_effect = fake_client.get_key.side_effect
     code, _, err = run(capsys, "--name", NAME)
     assert code == kv_keys.ExitStatus.PERMISSION
-    assert "network-rule add" in assert_one_error(err)[1]
+    assert "network-rule add" in error_lines(err)[1]
 
 
 def dns_error() -> ServiceRequestError:
@@ -140,53 +139,53 @@ def dns_error() -> ServiceRequestError:
     )
 
 
-def test_dns_failure(client: mock.MagicMock, capsys: pytest.CaptureFixture[str]) -> None:
-    client.get_key.side_effect = dns_error()
+def test_dns_failure(fake_client: mock.NonCallableMagicMock, capsys: pytest.CaptureFixture[str]) -> None:
+    fake_client.get_key.side_effect = dns_error()
     code, _, err = run(capsys, "--name", NAME)
     assert code == kv_keys.ExitStatus.UNREACHABLE
-    lines = assert_one_error(err)
+    lines = error_lines(err)
     assert f"{VAULT}.vault.azure.net does not resolve" in lines[0]
     assert "az keyvault list" in lines[1]
 
 
 def test_dns_failure_wrapped_like_requests_does(
-    client: mock.MagicMock, capsys: pytest.CaptureFixture[str]
+    fake_client: mock.NonCallableMagicMock, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # requests -> urllib3 -> gaierror, as __cause__ and args, the way a real lookup failure arrives
     inner = ConnectionError("Max retries exceeded (Caused by NameResolutionError)")
     inner.__cause__ = socket.gaierror(socket.EAI_NONAME, "Name or service not known")
-    client.get_key.side_effect = ServiceRequestError(str(inner), error=inner)
+    fake_client.get_key.side_effect = ServiceRequestError(str(inner), error=inner)
     assert run(capsys, "--name", NAME)[0] == kv_keys.ExitStatus.UNREACHABLE
 
 
 def test_connection_refused_and_tls_failures(
-    client: mock.MagicMock, capsys: pytest.CaptureFixture[str]
+    fake_client: mock.NonCallableMagicMock, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    client.get_key.side_effect = ServiceRequestError(
+    fake_client.get_key.side_effect = ServiceRequestError(
         "cannot connect", error=ConnectionRefusedError(111, "refused")
     )
     code, _, err = run(capsys, "--name", NAME)
     assert code == kv_keys.ExitStatus.UNREACHABLE
-    assert "connection refused" in assert_one_error(err)[0]
+    assert "connection refused" in error_lines(err)[0]
 
     tls = ssl.SSLCertVerificationError(1, "[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed")
-    client.get_key.side_effect = ServiceRequestError("TLS", error=tls)
+    fake_client.get_key.side_effect = ServiceRequestError("TLS", error=tls)
     code, _, err = run(capsys, "--name", NAME)
     assert code == kv_keys.ExitStatus.UNREACHABLE
-    lines = assert_one_error(err)
+    lines = error_lines(err)
     assert "TLS failed" in lines[0]
     assert "never turns verification off" in lines[1]
 
 
-def test_unexpected_service_error(client: mock.MagicMock, capsys: pytest.CaptureFixture[str]) -> None:
-    client.get_key.side_effect = http_error(HttpResponseError, 500, "InternalServerError", "Something broke.")
+def test_unexpected_service_error(fake_client: mock.NonCallableMagicMock, capsys: pytest.CaptureFixture[str]) -> None:
+    fake_client.get_key.side_effect = http_error(HttpResponseError, 500, "InternalServerError", "Something broke.")
     code, _, err = run(capsys, "--name", NAME)
     assert code == kv_keys.ExitStatus.SERVICE
-    assert "HTTP 500" in assert_one_error(err)[0]
+    assert "HTTP 500" in error_lines(err)[0]
 
 
-def test_verbose_shows_the_traceback(client: mock.MagicMock, capsys: pytest.CaptureFixture[str]) -> None:
-    client.get_key.side_effect = http_error(HttpResponseError, 500, "InternalServerError", "Something broke.")
+def test_verbose_shows_the_traceback(fake_client: mock.NonCallableMagicMock, capsys: pytest.CaptureFixture[str]) -> None:
+    fake_client.get_key.side_effect = http_error(HttpResponseError, 500, "InternalServerError", "Something broke.")
     code, _, err = run(capsys, "--name", NAME, "--verbose")
     assert code == kv_keys.ExitStatus.SERVICE
     assert "Traceback (most recent call last)" in err
@@ -194,10 +193,10 @@ def test_verbose_shows_the_traceback(client: mock.MagicMock, capsys: pytest.Capt
 
 
 def test_verbose_shows_the_sdk_error_behind_an_explained_failure(
-    client: mock.MagicMock, capsys: pytest.CaptureFixture[str]
+    fake_client: mock.NonCallableMagicMock, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # The soft-deleted 409 from create becomes a Failure with its own message; --verbose still shows the SDK error.
-    client.create_rsa_key.side_effect = http_error(ResourceExistsError, 409, "Conflict", RECOVERABLE)
+    fake_client.create_rsa_key.side_effect = http_error(ResourceExistsError, 409, "Conflict", RECOVERABLE)
     code, _, err = run(capsys, "--name", NAME, "--verbose")
     assert code == kv_keys.ExitStatus.CONFLICT
     assert "Traceback (most recent call last)" in err
@@ -210,13 +209,13 @@ def test_verbose_shows_the_sdk_error_behind_an_explained_failure(
     assert "soft-delete" in lines[error] and lines[error + 1].startswith("hint: recover it: ")
 
     code, _, err = run(capsys, "--name", NAME)  # without --verbose: the two lines only
-    assert "Traceback" not in err and len(assert_one_error(err)) == 2
+    assert "Traceback" not in err and len(error_lines(err)) == 2
 
 
 def test_verbose_shows_no_traceback_for_input_errors(capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = run(capsys, "--name", "bad_name", "--verbose")
     assert code == kv_keys.ExitStatus.USAGE
-    assert len(assert_one_error(err)) == 2
+    assert len(error_lines(err)) == 2
 
 
 def test_redaction_filter() -> None:
@@ -264,14 +263,14 @@ def test_verbose_log_redacts_tokens_on_the_azure_and_localvault_loggers(
 
 
 def test_401_from_a_loopback_vault_gets_a_localvault_hint(
-    client: mock.MagicMock, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    fake_client: mock.NonCallableMagicMock, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("IDENTITY_ENDPOINT", "http://127.0.0.1:9/msi/token")
     monkeypatch.setenv("IDENTITY_HEADER", "secret")
-    client.get_key.side_effect = http_error(ClientAuthenticationError, 401, "Unauthorized", "Invalid token.")
+    fake_client.get_key.side_effect = http_error(ClientAuthenticationError, 401, "Unauthorized", "Invalid token.")
     code, _, err = run(capsys, "--vault-url", "https://127.0.0.1:8443", "--name", NAME)
     assert code == kv_keys.ExitStatus.AUTH
-    lines = assert_one_error(err)
+    lines = error_lines(err)
     assert (
         lines[0]
         == "error: https://127.0.0.1:8443 rejected the credential (HTTP 401): (Unauthorized) Invalid token."
@@ -287,14 +286,14 @@ HSM = "https://my-hsm.managedhsm.azure.net"
 
 
 def test_managed_hsm_permission_hint_names_both_roles(
-    client: mock.MagicMock, capsys: pytest.CaptureFixture[str]
+    fake_client: mock.NonCallableMagicMock, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # "Managed HSM Crypto User" creates, gets, lists and deletes; only "Managed HSM Crypto Officer" purges or
     # recovers deleted keys (Microsoft's list of Managed HSM local RBAC built-in roles).
-    client.purge_deleted_key.side_effect = forbidden("purge")
+    fake_client.purge_deleted_key.side_effect = forbidden("purge")
     code, _, err = run(capsys, "--vault-url", HSM, "--name", NAME, "--purge")
     assert code == kv_keys.ExitStatus.PERMISSION
-    hint = assert_one_error(err)[1]
+    hint = error_lines(err)[1]
     assert '"Managed HSM Crypto User" (create, get, list, delete)' in hint
     assert 'for --purge, "Managed HSM Crypto Officer"' in hint
     assert "az keyvault role assignment create --hsm-name my-hsm" in hint
@@ -316,7 +315,7 @@ def test_managed_hsm_permission_hint_names_both_roles(
     ],
 )
 def test_recovery_hints_say_what_recovery_needs(
-    url: Any, recover_needs: str, purge_needs: str, client: mock.MagicMock, capsys: pytest.CaptureFixture[str]
+    url: Any, recover_needs: str, purge_needs: str, fake_client: mock.NonCallableMagicMock, capsys: pytest.CaptureFixture[str]
 ) -> None:
     option = "--vault-name" if url is None else "--hsm-name"
     where = VAULT if url is None else "my-hsm"
@@ -326,21 +325,21 @@ def test_recovery_hints_say_what_recovery_needs(
     _, out, _ = run(capsys, *vault_args, "--name", NAME)  # the deletion's report
     assert f"  to recover:  {recover}" in out.splitlines()
 
-    client.get_key.side_effect = [not_found(), fake_key()]
-    client.get_deleted_key.side_effect = None
-    client.get_deleted_key.return_value = fake_deleted()  # the name belongs to a deleted key
+    fake_client.get_key.side_effect = [not_found(), fake_key()]
+    fake_client.get_deleted_key.side_effect = None
+    fake_client.get_deleted_key.return_value = fake_deleted()  # the name belongs to a deleted key
     _, _, err = run(capsys, *vault_args, "--name", NAME)
-    hint = assert_one_error(err)[1]
+    hint = error_lines(err)[1]
     assert f"recover it: {recover}" in hint
     assert f"purge it for good: az keyvault key purge {option} {where} --name {NAME} {purge_needs}" in hint
 
-    client.get_deleted_key.side_effect = not_found()
-    client.get_key.side_effect = [not_found(), fake_key()]
-    client.purge_deleted_key.side_effect = http_error(
+    fake_client.get_deleted_key.side_effect = not_found()
+    fake_client.get_key.side_effect = [not_found(), fake_key()]
+    fake_client.purge_deleted_key.side_effect = http_error(
         HttpResponseError, 403, "Forbidden", "Operation purge is not allowed: purge protection is enabled."
     )
     _, _, err = run(capsys, *vault_args, "--name", NAME, "--purge")
-    assert assert_one_error(err)[1].endswith(f"or get it back: {recover}")
+    assert error_lines(err)[1].endswith(f"or get it back: {recover}")
 
 
 def test_localvault_recovery_hints_name_the_sdk_call_only() -> None:
@@ -367,11 +366,11 @@ def busy(status: int, retry_after: str = "") -> HttpResponseError:
 
 
 def test_create_retries_follow_retry_after_capped_else_back_off(
-    client: mock.MagicMock, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    fake_client: mock.NonCallableMagicMock, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     waits: list = []
     monkeypatch.setattr(kv_keys.time, "sleep", waits.append)
-    client.create_rsa_key.side_effect = [busy(429, "7"), busy(429, "120"), busy(503), busy(503), fake_key()]
+    fake_client.create_rsa_key.side_effect = [busy(429, "7"), busy(429, "120"), busy(503), busy(503), fake_key()]
     code, out, err = run(capsys, "--name", NAME)
     assert (code, err) == (0, "")
     assert waits == [
@@ -384,39 +383,39 @@ def test_create_retries_follow_retry_after_capped_else_back_off(
         "  the vault is throttling requests (HTTP 429): trying the create again in 7 s (retry 1 of 5)" in out
     )
     assert "  the vault is unavailable (HTTP 503): trying the create again in 8 s (retry 4 of 5)" in out
-    assert client.create_rsa_key.call_count == 5
+    assert fake_client.create_rsa_key.call_count == 5
 
 
 def test_persistent_throttling_on_azure_names_the_limits(
-    client: mock.MagicMock, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    fake_client: mock.NonCallableMagicMock, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(kv_keys.time, "sleep", lambda seconds: None)
-    client.create_rsa_key.side_effect = busy(429, "1")
+    fake_client.create_rsa_key.side_effect = busy(429, "1")
     code, _, err = run(capsys, "--name", NAME)
     assert code == kv_keys.ExitStatus.BUSY
-    lines = assert_one_error(err)
+    lines = error_lines(err)
     assert lines[0].startswith(f"error: {VAULT} is throttling requests (HTTP 429), still after 5 retries: ")
     assert "20 creates" in lines[1] and "localvault" not in lines[1]
     assert len(lines) == 2  # nothing was created: no cleanup
-    assert client.create_rsa_key.call_count == 6
+    assert fake_client.create_rsa_key.call_count == 6
 
 
 def test_ctrl_c_while_waiting_to_retry_the_create_created_nothing(
-    client: mock.MagicMock, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    fake_client: mock.NonCallableMagicMock, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     def ctrl_c(seconds: float) -> None:
         raise KeyboardInterrupt
 
     monkeypatch.setattr(kv_keys.time, "sleep", ctrl_c)
-    client.create_rsa_key.side_effect = busy(503)
+    fake_client.create_rsa_key.side_effect = busy(503)
     code, _, err = run(capsys, "--name", NAME)
     assert code == kv_keys.ExitStatus.INTERRUPTED
-    assert assert_one_error(err) == ["error: interrupted (Ctrl-C)", "hint: nothing was created"]
-    assert client.create_rsa_key.call_count == 1
+    assert error_lines(err) == ["error: interrupted (Ctrl-C)", "hint: nothing was created"]
+    assert fake_client.create_rsa_key.call_count == 1
 
 
 def test_ctrl_c_during_a_create_answered_503_stops_without_retrying(
-    client: mock.MagicMock, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    fake_client: mock.NonCallableMagicMock, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(kv_keys.time, "sleep", mock.Mock(side_effect=AssertionError("no retry after Ctrl-C")))
 
@@ -426,7 +425,7 @@ def test_ctrl_c_during_a_create_answered_503_stops_without_retrying(
         )  # lets the request finish
         raise busy(503)
 
-    client.create_rsa_key.side_effect = create
+    fake_client.create_rsa_key.side_effect = create
     code, _, err = run(capsys, "--name", NAME)
     assert code == kv_keys.ExitStatus.INTERRUPTED
     assert error_lines(err) == ["error: interrupted (Ctrl-C)", "hint: nothing was created"]

@@ -15,7 +15,7 @@ import sys
 from typing import Any, Dict, Iterator, List, Tuple
 
 import pytest
-from conftest import KV_KEYS, REPO, error_lines
+from helpers import KV_KEYS, REPO, error_lines
 
 import kv_keys
 from localvault import LocalVault
@@ -26,17 +26,19 @@ OTHER_OPERATIONS = ["GetKey", "GetDeletedKey", "GetKeyVersions", "DeleteKey", "P
 
 
 @pytest.fixture
-def script(clean_env: Dict[str, str]) -> Any:
-    """script(vault, *argv): run kv_keys.py against vault, as a user of `python -m localvault` would."""
+def run_script(clean_env: Dict[str, str]) -> Any:
+    """run_script(vault, *argv): run kv_keys.py against vault, as a user of `python -m localvault` would."""
 
     def start(vault: LocalVault, *argv: str) -> subprocess.Popen:
+        env = dict(clean_env, **vault.environ())
+        del env["AZURE_TOKEN_CREDENTIALS"]  # the identity variables are set: managed identity is localvault
         return subprocess.Popen(
             [sys.executable, KV_KEYS, *argv],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
-            env=dict(clean_env, **vault.environ()),
+            env=env,
             cwd=REPO,
         )
 
@@ -93,16 +95,9 @@ def vaults(**controls: Any) -> Iterator[LocalVault]:
         yield vault
 
 
-@pytest.fixture(scope="module")
-def protected_vault() -> Iterator[LocalVault]:
-    with vaults(purge_protection=True) as vault:
-        yield vault
-
-
-@pytest.fixture(scope="module")
-def standard_vault() -> Iterator[LocalVault]:
-    with vaults(sku="standard") as vault:
-        yield vault
+# A vault of the test's own at https://NAME.vault.azure.net, with these options (the plugin's vault_at_url).
+A_PROTECTED_VAULT = pytest.mark.parametrize("localvault_options", [{"purge_protection": True}], ids=["protected"])
+A_STANDARD_VAULT = pytest.mark.parametrize("localvault_options", [{"sku": "standard"}], ids=["standard"])
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -110,13 +105,13 @@ def standard_vault() -> Iterator[LocalVault]:
 # --------------------------------------------------------------------------------------------------------
 
 
-def test_thirty_percent_429_and_503_the_run_completes_and_leaves_no_key(script: Any) -> None:
+def test_thirty_percent_429_and_503_the_run_completes_and_leaves_no_key(run_script: Any) -> None:
     # Three vaults, each failing 30% of the requests with its own seed; the runs go in parallel. The seeds
     # make the create itself fail too (429 and 503), which the script tries again; the rest is azure-core's.
     seeds = (2, 8, 22)
     with contextlib.ExitStack() as stack:
         busy = [stack.enter_context(vaults(faults={"429": 0.15, "503": 0.15}, fault_seed=s)) for s in seeds]
-        runs = [script.start(vault, "--name", "busy-key", "--purge") for vault in busy]
+        runs = [run_script.start(vault, "--name", "busy-key", "--purge") for vault in busy]
         results = [finish(process) for process in runs]
         for vault, result in zip(busy, results):
             succeeded(result)
@@ -132,11 +127,11 @@ def test_thirty_percent_429_and_503_the_run_completes_and_leaves_no_key(script: 
 
 
 def test_a_throttled_or_unavailable_create_is_tried_again_and_says_so(
-    localvault: LocalVault, script: Any, unique_key_name: str
+    localvault: LocalVault, run_script: Any, unique_key_name: str
 ) -> None:
     localvault.fail_next(1, "503", ["CreateKey"])
     localvault.fail_next(1, "429", ["CreateKey"])
-    result = script(localvault, "--name", unique_key_name)
+    result = run_script(localvault, "--name", unique_key_name)
     succeeded(result)
     lines = result.stdout.splitlines()
     start = lines.index(f"Creating a key in {localvault.url} called '{unique_key_name}' ...")
@@ -154,10 +149,10 @@ def test_a_throttled_or_unavailable_create_is_tried_again_and_says_so(
 
 
 def test_persistent_throttling_stops_with_the_vaults_limits(
-    localvault: LocalVault, script: Any, unique_key_name: str
+    localvault: LocalVault, run_script: Any, unique_key_name: str
 ) -> None:
     localvault.fail_next(100, "429", ["CreateKey"])
-    lines = failed(script(localvault, "--name", unique_key_name), kv_keys.ExitStatus.BUSY)
+    lines = failed(run_script(localvault, "--name", unique_key_name), kv_keys.ExitStatus.BUSY)
     assert lines == [
         f"error: {localvault.url} is throttling requests (HTTP 429), still after 5 retries: {THROTTLED} "
         "Reason: VaultRequestTypeLimitReached",
@@ -171,11 +166,11 @@ def test_persistent_throttling_stops_with_the_vaults_limits(
 
 @pytest.mark.parametrize("fault", ["500", "503", "drop"])
 def test_a_fault_on_every_other_request_is_retried_by_the_sdk(
-    localvault: LocalVault, script: Any, unique_key_name: str, fault: str
+    localvault: LocalVault, run_script: Any, unique_key_name: str, fault: str
 ) -> None:
     for operation in OTHER_OPERATIONS:
         localvault.fail_next(1, fault, [operation])
-    succeeded(script(localvault, "--name", unique_key_name, "--purge"))
+    succeeded(run_script(localvault, "--name", unique_key_name, "--purge"))
     assert len([1 for _, _, injected in log(localvault) if injected == fault]) == len(OTHER_OPERATIONS)
     assert final_state(localvault) == ([], [])
 
@@ -188,12 +183,12 @@ def test_a_fault_on_every_other_request_is_retried_by_the_sdk(
     ],
 )
 def test_a_create_whose_outcome_is_unknown_is_not_retried_and_may_exist(
-    localvault: LocalVault, script: Any, unique_key_name: str, fault: str, code: int, error: str
+    localvault: LocalVault, run_script: Any, unique_key_name: str, fault: str, code: int, error: str
 ) -> None:
     # A dropped connection, or a 500, may come after the vault created the key: neither the SDK nor the script
     # sends the create again, and the script does not claim that nothing was created.
     localvault.fail_next(1, fault, ["CreateKey"])
-    result = script(localvault, "--name", unique_key_name)
+    result = run_script(localvault, "--name", unique_key_name)
     lines = failed(result, code)
     assert error in lines[0]
     assert lines[2:] == [
@@ -207,7 +202,7 @@ def test_a_create_whose_outcome_is_unknown_is_not_retried_and_may_exist(
 
 
 def test_every_request_failing_after_the_create_names_the_key_left(
-    localvault: LocalVault, script: Any, unique_key_name: str, monkeypatch: pytest.MonkeyPatch
+    localvault: LocalVault, run_script: Any, unique_key_name: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     real_decide = localvault.faults.decide
 
@@ -217,7 +212,7 @@ def test_every_request_failing_after_the_create_names_the_key_left(
             localvault.fail_next(1_000_000, "429")
 
     monkeypatch.setattr(localvault.faults, "decide", decide)
-    result = script(localvault, "--name", unique_key_name)
+    result = run_script(localvault, "--name", unique_key_name)
     lines = failed(result, kv_keys.ExitStatus.BUSY)
     assert lines[0].startswith(
         f"error: {localvault.url} is throttling requests (HTTP 429), still after 5 retries"
@@ -245,13 +240,13 @@ def test_every_request_failing_after_the_create_names_the_key_left(
 
 @pytest.mark.parametrize("permission", ["get", "list", "create", "delete", "purge", "recover"])
 def test_each_key_permission_withheld(
-    localvault: LocalVault, script: Any, unique_key_name: str, permission: str
+    localvault: LocalVault, run_script: Any, unique_key_name: str, permission: str
 ) -> None:
     name, url = unique_key_name, localvault.url
     localvault.set_key_permissions(
         [p for p in ("get", "list", "create", "delete", "purge", "recover") if p != permission]
     )
-    result = script(localvault, "--name", name, "--purge")
+    result = run_script(localvault, "--name", name, "--purge")
     keys, deleted = final_state(localvault)
     if permission == "recover":  # the script never recovers a key
         succeeded(result)
@@ -303,19 +298,22 @@ def test_each_key_permission_withheld(
         )
 
 
+@A_PROTECTED_VAULT
 def test_purge_protection_refuses_the_purge_and_the_key_stays_recoverable(
-    protected_vault: LocalVault, script: Any, unique_key_name: str
+    vault_at_url: LocalVault, run_script: Any, unique_key_name: str
 ) -> None:
-    protected_vault.reset()
+    protected_vault = vault_at_url
     lines = failed(
-        script(protected_vault, "--name", unique_key_name, "--purge"), kv_keys.ExitStatus.PERMISSION
+        run_script(protected_vault, "--name", unique_key_name, "--purge"), kv_keys.ExitStatus.PERMISSION
     )
     assert lines[0] == (
         f"error: the key '{unique_key_name}' was deleted but cannot be purged: purge protection is on for "
         f"{protected_vault.url}"
     )
     assert lines[1].startswith("hint: it can be recovered until ")
-    assert f"KeyClient.begin_recover_deleted_key('{unique_key_name}') on {protected_vault.url}" in lines[1]
+    # At a vault's real address the hint is the Azure CLI's, which works in a shell with the export lines.
+    name = protected_vault.url.split("//")[1].split(".")[0]
+    assert f"az keyvault key recover --vault-name {name} --name {unique_key_name} " in lines[1]
     assert lines[2:] == []
     assert log(protected_vault, "PurgeDeletedKey") == [("PurgeDeletedKey", 403, None)]
     assert final_state(protected_vault) == ([], [unique_key_name])
@@ -324,15 +322,24 @@ def test_purge_protection_refuses_the_purge_and_the_key_stays_recoverable(
         assert client.get_key(unique_key_name).name == unique_key_name
 
 
-def test_hsm_key_on_a_standard_vault(standard_vault: LocalVault, script: Any, unique_key_name: str) -> None:
-    standard_vault.reset()
-    lines = failed(script(standard_vault, "--name", unique_key_name, "--hsm"), kv_keys.ExitStatus.PERMISSION)
+@A_STANDARD_VAULT
+def test_hsm_key_on_a_standard_vault(vault_at_url: LocalVault, run_script: Any, unique_key_name: str) -> None:
+    standard_vault = vault_at_url
+    lines = failed(run_script(standard_vault, "--name", unique_key_name, "--hsm"), kv_keys.ExitStatus.PERMISSION)
     assert lines == [
         f"error: {standard_vault.url} is a standard vault, which holds no HSM-protected keys (--hsm): "
         "(Forbidden) Hardware key operation not allowed on standard vault",
-        "hint: drop --hsm, or start localvault with --sku premium (its default)",
+        # At a vault's real address the script cannot tell localvault from Azure: Azure's hint.
+        "hint: drop --hsm, or use a Premium vault (az keyvault create ... --sku premium) or a Managed HSM",
     ]
     assert final_state(standard_vault) == ([], [])
+
+
+def test_hsm_key_on_a_standard_localvault_at_its_own_url(run_script: Any, unique_key_name: str) -> None:
+    with vaults(sku="standard") as standard_vault:
+        lines = failed(run_script(standard_vault, "--name", unique_key_name, "--hsm"), kv_keys.ExitStatus.PERMISSION)
+        assert lines[1] == "hint: drop --hsm, or start localvault with --sku premium (its default)"
+        assert final_state(standard_vault) == ([], [])
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -341,10 +348,10 @@ def test_hsm_key_on_a_standard_vault(standard_vault: LocalVault, script: Any, un
 
 
 def test_with_a_delete_delay_the_script_waits_for_the_deletion_then_purges(
-    localvault: LocalVault, script: Any, unique_key_name: str
+    localvault: LocalVault, run_script: Any, unique_key_name: str
 ) -> None:
     localvault.set_delete_delay(1)
-    succeeded(script(localvault, "--name", unique_key_name, "--purge"))
+    succeeded(run_script(localvault, "--name", unique_key_name, "--purge"))
     after_delete = log(localvault)[[op for op, _, _ in log(localvault)].index("DeleteKey") :]
     assert after_delete == [
         ("DeleteKey", 200, None),
@@ -356,13 +363,13 @@ def test_with_a_delete_delay_the_script_waits_for_the_deletion_then_purges(
 
 
 def test_a_name_still_being_deleted_gets_retry_in_a_few_seconds(
-    localvault: LocalVault, script: Any, unique_key_name: str
+    localvault: LocalVault, run_script: Any, unique_key_name: str
 ) -> None:
     localvault.set_delete_delay(600)
     with localvault.key_client() as client:
         client.create_ec_key(unique_key_name)
         client.begin_delete_key(unique_key_name)  # not waited for: the deletion is pending
-    result = script(localvault, "--name", unique_key_name)
+    result = run_script(localvault, "--name", unique_key_name)
     lines = failed(result, kv_keys.ExitStatus.CONFLICT)
     assert lines[0] == (
         f"error: the name '{unique_key_name}' is not free yet: {localvault.url} is still deleting a key of that "

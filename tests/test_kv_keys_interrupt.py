@@ -17,7 +17,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import pytest
 from azure.keyvault.keys import KeyClient
-from conftest import KV_KEYS, REPO, error_lines
+from helpers import KV_KEYS, REPO, error_lines
 
 from localvault import LocalVault
 
@@ -104,7 +104,7 @@ class Script:
 
 
 @pytest.fixture
-def script(localvault: LocalVault, clean_env: Dict[str, str]) -> Iterator[Callable[..., Script]]:
+def start_script(localvault: LocalVault, clean_env: Dict[str, str]) -> Iterator[Callable[..., Script]]:
     started: List[Script] = []
 
     def start(*argv: str) -> Script:
@@ -143,10 +143,10 @@ def assert_truthful(err: str, name: str, live: bool, deleted: bool) -> List[str]
 
 @pytest.mark.parametrize("when", ["before", "after"])  # the vault stores the key after, or before, the Ctrl-C
 def test_first_ctrl_c_during_the_create_lets_it_finish_and_deletes_the_key(
-    when: str, script, localvault: LocalVault, key_client: KeyClient, unique_key_name: str, monkeypatch
+    when: str, start_script, localvault: LocalVault, key_client: KeyClient, unique_key_name: str, monkeypatch
 ) -> None:
     gate = Gate(monkeypatch, localvault.store, "add_version", when)
-    run = script("--name", unique_key_name)
+    run = start_script("--name", unique_key_name)
     gate.wait()
     run.ctrl_c()
     run.expect_stderr(FIRST.format("create"))  # said at once, while the request is still held
@@ -163,10 +163,10 @@ def test_first_ctrl_c_during_the_create_lets_it_finish_and_deletes_the_key(
 
 @pytest.mark.parametrize("when", ["before", "after"])
 def test_second_ctrl_c_during_the_create_stops_at_once_and_names_the_key(
-    when: str, script, localvault: LocalVault, key_client: KeyClient, unique_key_name: str, monkeypatch
+    when: str, start_script, localvault: LocalVault, key_client: KeyClient, unique_key_name: str, monkeypatch
 ) -> None:
     gate = Gate(monkeypatch, localvault.store, "add_version", when)
-    run = script("--name", unique_key_name)
+    run = start_script("--name", unique_key_name)
     gate.wait()
     run.ctrl_c()
     run.expect_stderr(FIRST.format("create"))
@@ -184,13 +184,13 @@ def test_second_ctrl_c_during_the_create_stops_at_once_and_names_the_key(
 
 
 def test_ctrl_c_during_a_slow_rsa_4096_create(
-    script, localvault: LocalVault, key_client: KeyClient, unique_key_name: str, monkeypatch
+    start_script, localvault: LocalVault, key_client: KeyClient, unique_key_name: str, monkeypatch
 ) -> None:
     # No gate that holds the request: the signal is sent the moment the vault starts on the create (its name
     # check comes before generating the key), and the key is generated at its real, slow pace meanwhile.
     runs: List[Script] = []
     Gate(monkeypatch, localvault.store, "check_name_free", action=lambda: runs[0].ctrl_c())
-    runs.append(script("--name", unique_key_name, "--size", "4096"))
+    runs.append(start_script("--name", unique_key_name, "--size", "4096"))
     code, _, err = runs[0].finish()
     live, deleted = live_and_deleted(localvault, key_client, unique_key_name)
     assert (code, live, deleted) == (130, False, True), err
@@ -205,10 +205,10 @@ def test_ctrl_c_during_a_slow_rsa_4096_create(
 
 
 def test_ctrl_c_during_the_name_check_created_nothing(
-    script, localvault: LocalVault, key_client: KeyClient, unique_key_name: str, monkeypatch
+    start_script, localvault: LocalVault, key_client: KeyClient, unique_key_name: str, monkeypatch
 ) -> None:
     gate = Gate(monkeypatch, localvault.store, "get_deleted")
-    run = script("--name", unique_key_name)
+    run = start_script("--name", unique_key_name)
     gate.wait()
     run.ctrl_c()
     code, _, err = run.finish()
@@ -222,10 +222,10 @@ def test_ctrl_c_during_the_name_check_created_nothing(
 
 
 def test_ctrl_c_during_the_version_check_deletes_the_key(
-    script, localvault: LocalVault, key_client: KeyClient, unique_key_name: str, monkeypatch
+    start_script, localvault: LocalVault, key_client: KeyClient, unique_key_name: str, monkeypatch
 ) -> None:
     gate = Gate(monkeypatch, localvault.store, "list_versions")  # the first call; the cleanup's own passes
-    run = script("--name", unique_key_name)
+    run = start_script("--name", unique_key_name)
     gate.wait()
     run.ctrl_c()
     code, _, err = run.finish()
@@ -237,11 +237,11 @@ def test_ctrl_c_during_the_version_check_deletes_the_key(
 
 
 def test_second_ctrl_c_during_the_cleanups_delete(
-    script, localvault: LocalVault, key_client: KeyClient, unique_key_name: str, monkeypatch
+    start_script, localvault: LocalVault, key_client: KeyClient, unique_key_name: str, monkeypatch
 ) -> None:
     check = Gate(monkeypatch, localvault.store, "list_versions")
     delete = Gate(monkeypatch, localvault.store, "delete")
-    run = script("--name", unique_key_name)
+    run = start_script("--name", unique_key_name)
     check.wait()
     run.ctrl_c()  # the first: the run stops and the cleanup deletes the key ...
     delete.wait()
@@ -266,10 +266,10 @@ def test_second_ctrl_c_during_the_cleanups_delete(
 
 @pytest.mark.parametrize("when", ["before", "after"])
 def test_first_ctrl_c_during_the_delete_lets_it_finish(
-    when: str, script, localvault: LocalVault, key_client: KeyClient, unique_key_name: str, monkeypatch
+    when: str, start_script, localvault: LocalVault, key_client: KeyClient, unique_key_name: str, monkeypatch
 ) -> None:
     gate = Gate(monkeypatch, localvault.store, "delete", when)
-    run = script("--name", unique_key_name)
+    run = start_script("--name", unique_key_name)
     gate.wait()
     run.ctrl_c()
     run.expect_stderr(FIRST.format("delete"))
@@ -284,10 +284,10 @@ def test_first_ctrl_c_during_the_delete_lets_it_finish(
 
 
 def test_second_ctrl_c_during_the_delete_says_the_key_may_exist(
-    script, localvault: LocalVault, key_client: KeyClient, unique_key_name: str, monkeypatch
+    start_script, localvault: LocalVault, key_client: KeyClient, unique_key_name: str, monkeypatch
 ) -> None:
     gate = Gate(monkeypatch, localvault.store, "delete")
-    run = script("--name", unique_key_name)
+    run = start_script("--name", unique_key_name)
     gate.wait()
     run.ctrl_c()
     run.expect_stderr(FIRST.format("delete"))
@@ -304,10 +304,10 @@ def test_second_ctrl_c_during_the_delete_says_the_key_may_exist(
 
 
 def test_first_ctrl_c_during_the_purge_lets_it_finish(
-    script, localvault: LocalVault, key_client: KeyClient, unique_key_name: str, monkeypatch
+    start_script, localvault: LocalVault, key_client: KeyClient, unique_key_name: str, monkeypatch
 ) -> None:
     gate = Gate(monkeypatch, localvault.store, "purge")
-    run = script("--name", unique_key_name, "--purge")
+    run = start_script("--name", unique_key_name, "--purge")
     gate.wait()
     run.ctrl_c()
     run.expect_stderr(FIRST.format("purge"))
@@ -326,10 +326,10 @@ def test_first_ctrl_c_during_the_purge_lets_it_finish(
 
 
 def test_stdout_closed_while_the_create_is_in_flight(
-    script, localvault: LocalVault, key_client: KeyClient, unique_key_name: str, monkeypatch
+    start_script, localvault: LocalVault, key_client: KeyClient, unique_key_name: str, monkeypatch
 ) -> None:
     gate = Gate(monkeypatch, localvault.store, "add_version")
-    run = script("--name", unique_key_name)
+    run = start_script("--name", unique_key_name)
     gate.wait()
     assert run.process.stdout is not None
     assert run.process.stdout.readline().startswith("Creating a key in ")

@@ -1,6 +1,6 @@
 """kv_keys.py with a KeyClient double: the happy path, the options, usage errors and the prompt.
 
-kv_keys.make_client is patched (fixture `client` in conftest.py), so no test here sends anything anywhere.
+kv_keys.make_client is patched (fixture `fake_client` in conftest.py), so no test here sends anything anywhere.
 """
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ from azure.core.exceptions import (
     HttpResponseError,
     ResourceExistsError,
 )
-from conftest import (
+from helpers import (
     NAME,
     VAULT,
     FakePoller,
-    assert_one_error,
+    error_lines,
     fake_key,
     forbidden,
     http_error,
@@ -38,16 +38,16 @@ pytestmark = pytest.mark.usefixtures("azure_vault_env")
 
 
 def test_default_run_reproduces_the_original_flow(
-    client: mock.MagicMock, capsys: pytest.CaptureFixture[str]
+    fake_client: mock.NonCallableMagicMock, capsys: pytest.CaptureFixture[str]
 ) -> None:
     code, out, err = run(capsys, "--name", NAME)
     assert (code, err) == (0, "")
-    client.create_rsa_key.assert_called_once_with(NAME, size=2048, retry_status=0)
-    client.list_properties_of_key_versions.assert_called_once_with(NAME)  # no other version: ours to delete
-    assert client.get_key.call_args_list == [mock.call(NAME), mock.call(NAME)]
-    client.begin_delete_key.assert_called_once_with(NAME)
-    assert client.begin_delete_key.return_value.waited == 1
-    client.purge_deleted_key.assert_not_called()
+    fake_client.create_rsa_key.assert_called_once_with(NAME, size=2048, retry_status=0)
+    fake_client.list_properties_of_key_versions.assert_called_once_with(NAME)  # no other version: ours to delete
+    assert fake_client.get_key.call_args_list == [mock.call(NAME), mock.call(NAME)]
+    fake_client.begin_delete_key.assert_called_once_with(NAME)
+    assert fake_client.begin_delete_key.return_value.waited == 1
+    fake_client.purge_deleted_key.assert_not_called()
     for line in (
         f"Creating a key in {VAULT} called '{NAME}' ...",
         " done.",
@@ -69,41 +69,41 @@ def test_default_run_reproduces_the_original_flow(
     assert f"purge date:  2025-04-02 00:00:00+00:00 (until then the name '{NAME}' stays taken)" in out
     assert f"az keyvault key recover --vault-name {VAULT} --name {NAME}" in out
     assert f"az keyvault key purge --vault-name {VAULT} --name {NAME}" in out
-    vault = client.factory.call_args.args[0]
+    vault = fake_client.factory.call_args.args[0]
     assert (vault.kind, vault.url, vault.ca_file) == ("azure", f"https://{VAULT}.vault.azure.net", None)
 
 
-def test_ec_key_with_curve(client: mock.MagicMock, capsys: pytest.CaptureFixture[str]) -> None:
+def test_ec_key_with_curve(fake_client: mock.NonCallableMagicMock, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run(capsys, "--name", NAME, "--type", "ec", "--curve", "P-384")
     assert code == 0
-    client.create_ec_key.assert_called_once_with(NAME, curve="P-384", retry_status=0)
-    client.create_rsa_key.assert_not_called()
+    fake_client.create_ec_key.assert_called_once_with(NAME, curve="P-384", retry_status=0)
+    fake_client.create_rsa_key.assert_not_called()
     assert "EC, curve P-384" in out
 
 
 def test_ec_default_curve_and_hsm_and_size(
-    client: mock.MagicMock, capsys: pytest.CaptureFixture[str]
+    fake_client: mock.NonCallableMagicMock, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert run(capsys, "--name", NAME, "--type", "ec", "--hsm")[0] == 0
-    client.create_ec_key.assert_called_once_with(NAME, curve="P-256", hardware_protected=True, retry_status=0)
-    client.get_key.side_effect = [not_found(), fake_key()]
+    fake_client.create_ec_key.assert_called_once_with(NAME, curve="P-256", hardware_protected=True, retry_status=0)
+    fake_client.get_key.side_effect = [not_found(), fake_key()]
     assert run(capsys, "--name", NAME, "--size", "4096", "--hsm")[0] == 0
-    client.create_rsa_key.assert_called_once_with(NAME, size=4096, hardware_protected=True, retry_status=0)
+    fake_client.create_rsa_key.assert_called_once_with(NAME, size=4096, hardware_protected=True, retry_status=0)
 
 
-def test_keep_skips_deletion(client: mock.MagicMock, capsys: pytest.CaptureFixture[str]) -> None:
+def test_keep_skips_deletion(fake_client: mock.NonCallableMagicMock, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run(capsys, "--name", NAME, "--keep")
     assert code == 0
-    client.begin_delete_key.assert_not_called()
+    fake_client.begin_delete_key.assert_not_called()
     assert f"az keyvault key delete --vault-name {VAULT} --name {NAME}" in out
 
 
-def test_purge_after_deletion(client: mock.MagicMock, capsys: pytest.CaptureFixture[str]) -> None:
+def test_purge_after_deletion(fake_client: mock.NonCallableMagicMock, capsys: pytest.CaptureFixture[str]) -> None:
     order: List[str] = []
     poller = FakePoller()
     poller.wait = lambda timeout=None: order.append("wait")  # type: ignore[method-assign]
-    client.begin_delete_key.return_value = poller
-    client.purge_deleted_key.side_effect = lambda name: order.append(f"purge {name}")
+    fake_client.begin_delete_key.return_value = poller
+    fake_client.purge_deleted_key.side_effect = lambda name: order.append(f"purge {name}")
     code, out, _ = run(capsys, "--name", NAME, "--purge")
     assert code == 0
     assert order == ["wait", f"purge {NAME}"]
@@ -111,8 +111,8 @@ def test_purge_after_deletion(client: mock.MagicMock, capsys: pytest.CaptureFixt
     assert "(--purge: purged next)" in out and "stays taken" not in out  # never says what --purge undoes
 
 
-def test_purge_protection_is_explained(client: mock.MagicMock, capsys: pytest.CaptureFixture[str]) -> None:
-    client.purge_deleted_key.side_effect = http_error(
+def test_purge_protection_is_explained(fake_client: mock.NonCallableMagicMock, capsys: pytest.CaptureFixture[str]) -> None:
+    fake_client.purge_deleted_key.side_effect = http_error(
         HttpResponseError,
         403,
         "Forbidden",
@@ -121,22 +121,22 @@ def test_purge_protection_is_explained(client: mock.MagicMock, capsys: pytest.Ca
     )
     code, _, err = run(capsys, "--name", NAME, "--purge")
     assert code == kv_keys.ExitStatus.PERMISSION
-    lines = assert_one_error(err)
+    lines = error_lines(err)
     assert "purge protection" in lines[0]
     assert "2025-04-02" in lines[1]
-    client.begin_delete_key.assert_called_once()  # deleted once, no cleanup attempt after a finished delete
+    fake_client.begin_delete_key.assert_called_once()  # deleted once, no cleanup attempt after a finished delete
 
 
 def test_purge_while_the_deletion_is_still_in_progress(
-    client: mock.MagicMock, capsys: pytest.CaptureFixture[str]
+    fake_client: mock.NonCallableMagicMock, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # Azure can answer a purge right after the deletion with 409 "Key is currently being deleted."
-    client.purge_deleted_key.side_effect = http_error(
+    fake_client.purge_deleted_key.side_effect = http_error(
         ResourceExistsError, 409, "Conflict", f"Key {NAME} is currently being deleted."
     )
     code, _, err = run(capsys, "--name", NAME, "--purge")
     assert code == kv_keys.ExitStatus.SERVICE
-    lines = assert_one_error(err)
+    lines = error_lines(err)
     assert lines[0].startswith(
         f"error: the key '{NAME}' is deleted, but {VAULT} refused to purge it yet: the deletion is still in progress"
     )
@@ -147,14 +147,14 @@ def test_purge_while_the_deletion_is_still_in_progress(
     )
     assert "choose another name" not in err and "name conflict" not in err
     assert len(lines) == 2  # the deletion had finished: no cleanup
-    client.begin_delete_key.assert_called_once()
+    fake_client.begin_delete_key.assert_called_once()
 
 
-def test_purge_permission_missing(client: mock.MagicMock, capsys: pytest.CaptureFixture[str]) -> None:
-    client.purge_deleted_key.side_effect = forbidden("purge")
+def test_purge_permission_missing(fake_client: mock.NonCallableMagicMock, capsys: pytest.CaptureFixture[str]) -> None:
+    fake_client.purge_deleted_key.side_effect = forbidden("purge")
     code, _, err = run(capsys, "--name", NAME, "--purge")
     assert code == kv_keys.ExitStatus.PERMISSION
-    lines = assert_one_error(err)
+    lines = error_lines(err)
     assert "--key-permissions get list create delete purge" in lines[1]
 
 
@@ -164,7 +164,7 @@ def test_purge_permission_missing(client: mock.MagicMock, capsys: pytest.Capture
 
 
 def test_help_lists_options_and_exit_codes(
-    client: mock.MagicMock, capsys: pytest.CaptureFixture[str]
+    fake_client: mock.NonCallableMagicMock, capsys: pytest.CaptureFixture[str]
 ) -> None:
     code, out, _ = run(capsys, "--help")
     assert code == 0
@@ -191,7 +191,7 @@ def test_help_lists_options_and_exit_codes(
         "130  interrupted",
     ):
         assert code_line in out
-    client.factory.assert_not_called()
+    fake_client.factory.assert_not_called()
 
 
 def test_readme_lists_the_exit_codes_of_help() -> None:
@@ -206,12 +206,12 @@ def test_readme_lists_the_exit_codes_of_help() -> None:
     ["", "has space", "under_score", "dot.ted", "slash/es", "ünïcode", "x" * 128, "new\nline", "emoji-🔑"],
 )
 def test_invalid_key_names_are_refused(
-    name: str, client: mock.MagicMock, capsys: pytest.CaptureFixture[str]
+    name: str, fake_client: mock.NonCallableMagicMock, capsys: pytest.CaptureFixture[str]
 ) -> None:
     code, _, err = run(capsys, "--name", name)
     assert code == kv_keys.ExitStatus.USAGE
-    assert "invalid key name" in assert_one_error(err)[0]
-    client.factory.assert_not_called()
+    assert "invalid key name" in error_lines(err)[0]
+    fake_client.factory.assert_not_called()
 
 
 @pytest.mark.parametrize("name", ["a", "x" * 127, "A-1", "0-leading-digit-is-fine"])
@@ -234,15 +234,15 @@ def test_valid_key_names(name: str) -> None:
 )
 def test_invalid_vault_names_are_refused(
     vault_name: str,
-    client: mock.MagicMock,
+    fake_client: mock.NonCallableMagicMock,
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("KEY_VAULT_NAME", vault_name)
     code, _, err = run(capsys, "--name", NAME)
     assert code == kv_keys.ExitStatus.USAGE
-    assert "invalid vault name" in assert_one_error(err)[0]
-    client.factory.assert_not_called()
+    assert "invalid vault name" in error_lines(err)[0]
+    fake_client.factory.assert_not_called()
 
 
 @pytest.mark.parametrize("vault_name", ["abc", "x" * 24, "my-vault-1", "A1b"])
@@ -267,12 +267,12 @@ def test_valid_vault_names(vault_name: str) -> None:
     ],
 )
 def test_invalid_vault_urls_are_refused(
-    url: str, client: mock.MagicMock, capsys: pytest.CaptureFixture[str]
+    url: str, fake_client: mock.NonCallableMagicMock, capsys: pytest.CaptureFixture[str]
 ) -> None:
     code, _, err = run(capsys, "--vault-url", url, "--name", NAME)
     assert code == kv_keys.ExitStatus.USAGE
-    assert "invalid vault URL" in assert_one_error(err)[0]
-    client.factory.assert_not_called()
+    assert "invalid vault URL" in error_lines(err)[0]
+    fake_client.factory.assert_not_called()
 
 
 @pytest.mark.parametrize(
@@ -287,11 +287,11 @@ def test_invalid_vault_urls_are_refused(
         ["--no-such-option"],
     ],
 )
-def test_bad_options(argv: List[str], client: mock.MagicMock, capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_options(argv: List[str], fake_client: mock.NonCallableMagicMock, capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = run(capsys, "--name", NAME, *argv)
     assert code == kv_keys.ExitStatus.USAGE
-    assert_one_error(err)
-    client.factory.assert_not_called()
+    error_lines(err)
+    fake_client.factory.assert_not_called()
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -300,52 +300,52 @@ def test_bad_options(argv: List[str], client: mock.MagicMock, capsys: pytest.Cap
 
 
 def test_name_from_piped_stdin(
-    client: mock.MagicMock, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    fake_client: mock.NonCallableMagicMock, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(sys, "stdin", io.StringIO("  piped-name \n"))
     code, out, _ = run(capsys)
     assert code == 0
     assert out.startswith("Input a name for your key [quickstart-")
-    client.create_rsa_key.assert_called_once_with("piped-name", size=2048, retry_status=0)
+    fake_client.create_rsa_key.assert_called_once_with("piped-name", size=2048, retry_status=0)
 
 
 def test_empty_answer_takes_the_suggested_unique_name(
-    client: mock.MagicMock, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    fake_client: mock.NonCallableMagicMock, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     names = []
     for _ in range(2):
-        client.get_key.side_effect = [not_found(), fake_key()]
+        fake_client.get_key.side_effect = [not_found(), fake_key()]
         monkeypatch.setattr(sys, "stdin", io.StringIO("\n"))
         assert run(capsys)[0] == 0
-        names.append(client.create_rsa_key.call_args.args[0])
+        names.append(fake_client.create_rsa_key.call_args.args[0])
     assert all(name.startswith("quickstart-") for name in names)
     assert names[0] != names[1]
     kv_keys.check_key_name(names[0])
 
 
 def test_end_of_input_is_a_usage_error(
-    client: mock.MagicMock, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    fake_client: mock.NonCallableMagicMock, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(sys, "stdin", io.StringIO(""))
     code, _, err = run(capsys)
     assert code == kv_keys.ExitStatus.USAGE
-    assert "input ended" in assert_one_error(err)[0]
-    client.factory.assert_not_called()
+    assert "input ended" in error_lines(err)[0]
+    fake_client.factory.assert_not_called()
 
 
 def test_invalid_piped_name(
-    client: mock.MagicMock, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    fake_client: mock.NonCallableMagicMock, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(sys, "stdin", io.StringIO("bad_name\n"))
     assert run(capsys)[0] == kv_keys.ExitStatus.USAGE
-    client.factory.assert_not_called()
+    fake_client.factory.assert_not_called()
 
 
 def test_ctrl_c_at_the_prompt(
-    client: mock.MagicMock, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    fake_client: mock.NonCallableMagicMock, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr("builtins.input", mock.Mock(side_effect=KeyboardInterrupt))
     code, _, err = run(capsys)
     assert code == kv_keys.ExitStatus.INTERRUPTED
-    assert "nothing was created" in assert_one_error(err)[1]
-    client.factory.assert_not_called()
+    assert "nothing was created" in error_lines(err)[1]
+    fake_client.factory.assert_not_called()

@@ -17,7 +17,7 @@ from typing import Dict, Iterator
 
 import pytest
 from azure.keyvault.keys import KeyClient
-from conftest import KV_KEYS, REPO
+from helpers import KV_KEYS, REPO
 
 from localvault import LocalVault
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Dict, List
 
 import pytest
-from conftest import KV_KEYS, REPO, error_lines
+from helpers import KV_KEYS, REPO, error_lines
 
 
 @pytest.mark.parametrize(

@@ -1,6 +1,6 @@
 """kv_keys.py: which vault, which credential, which TLS trust; all decided before any request.
 
-kv_keys.make_client is patched (fixture `client` in conftest.py), so no test here sends anything anywhere.
+kv_keys.make_client is patched (fixture `fake_client` in conftest.py), so no test here sends anything anywhere.
 """
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ from typing import Any, Dict, List
 from unittest import mock
 
 import pytest
-from conftest import (
+from helpers import (
     NAME,
-    assert_one_error,
+    error_lines,
     run,
 )
 
@@ -30,17 +30,17 @@ LOCAL_IDENTITY = {"IDENTITY_ENDPOINT": "http://127.0.0.1:9/msi/token", "IDENTITY
 
 @pytest.mark.parametrize("missing", ["IDENTITY_ENDPOINT", "IDENTITY_HEADER"])
 def test_half_of_the_identity_variables_names_the_missing_one(
-    missing: str, client: mock.MagicMock, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    missing: str, fake_client: mock.NonCallableMagicMock, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     for variable, value in LOCAL_IDENTITY.items():
         if variable != missing:
             monkeypatch.setenv(variable, value)
     code, _, err = run(capsys, "--vault-url", "https://127.0.0.1:8443", "--name", NAME)
     assert code == kv_keys.ExitStatus.AUTH
-    lines = assert_one_error(err)
+    lines = error_lines(err)
     assert lines[0] == f"error: no credential for https://127.0.0.1:8443: {missing} is not set"
     assert "python -m localvault" in lines[1]
-    client.factory.assert_not_called()
+    fake_client.factory.assert_not_called()
 
 
 def choose(argv: List[str], environ: Dict[str, str]) -> kv_keys.Vault:
@@ -77,7 +77,7 @@ def test_localvault_ca_is_trusted_for_loopback_urls_only(tmp_path: Path) -> None
 def test_stale_localvault_ca_file_is_reported_before_any_request(
     what: str,
     tmp_path: Path,
-    client: mock.MagicMock,
+    fake_client: mock.NonCallableMagicMock,
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -87,25 +87,25 @@ def test_stale_localvault_ca_file_is_reported_before_any_request(
     monkeypatch.setenv("IDENTITY_HEADER", "secret")
     code, _, err = run(capsys, "--vault-url", "https://127.0.0.1:8443", "--name", NAME)
     assert code == kv_keys.ExitStatus.UNREACHABLE
-    lines = assert_one_error(err)
+    lines = error_lines(err)
     assert lines[0].startswith("error: cannot set up TLS: LOCALVAULT_CA_FILE names ")
     assert "not a file" in lines[0]
     assert "latest export lines" in lines[1] and "python -m localvault" in lines[1]
     assert "OSError" not in err and "CA certificate bundle" not in err
-    client.factory.assert_not_called()
+    fake_client.factory.assert_not_called()
 
 
 def test_empty_vault_url_option_is_a_usage_error(
-    client: mock.MagicMock, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    fake_client: mock.NonCallableMagicMock, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # With KEY_VAULT_NAME set, an empty --vault-url used to fall back to it silently.
     for value in ("", "   "):
         code, _, err = run(capsys, "--vault-url", value, "--name", NAME)
         assert code == kv_keys.ExitStatus.USAGE
-        lines = assert_one_error(err)
+        lines = error_lines(err)
         assert lines[0] == "error: --vault-url is empty"
         assert "drop --vault-url" in lines[1]
-    client.factory.assert_not_called()
+    fake_client.factory.assert_not_called()
 
 
 @pytest.mark.parametrize(
@@ -119,7 +119,7 @@ def test_empty_vault_url_option_is_a_usage_error(
 )
 def test_non_local_identity_endpoint_is_refused_for_a_local_vault(
     endpoint: str,
-    client: mock.MagicMock,
+    fake_client: mock.NonCallableMagicMock,
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -128,13 +128,13 @@ def test_non_local_identity_endpoint_is_refused_for_a_local_vault(
     monkeypatch.setenv("IDENTITY_HEADER", "secret")
     code, _, err = run(capsys, "--vault-url", "https://127.0.0.1:8443", "--name", NAME)
     assert code == kv_keys.ExitStatus.USAGE
-    lines = assert_one_error(err)
+    lines = error_lines(err)
     assert lines[0] == (
         f"error: IDENTITY_ENDPOINT is {endpoint}, not on this machine, but the vault https://127.0.0.1:8443 is: "
         "refusing to send a managed-identity token from there to a local port"
     )
     assert "python -m localvault" in lines[1]
-    client.factory.assert_not_called()
+    fake_client.factory.assert_not_called()
 
 
 def test_local_identity_endpoint_and_azure_vault_are_not_refused() -> None:
@@ -214,11 +214,11 @@ def test_loopback_url_without_identity_variables_is_an_auth_error(capsys: pytest
     # make_client is the real one: it must refuse before ManagedIdentityCredential could probe 169.254.169.254.
     code, _, err = run(capsys, "--vault-url", "https://127.0.0.1:8443", "--name", NAME)
     assert code == kv_keys.ExitStatus.AUTH
-    assert "IDENTITY_ENDPOINT" in assert_one_error(err)[0]
+    assert "IDENTITY_ENDPOINT" in error_lines(err)[0]
 
 
 def test_missing_localvault_package_gives_a_clear_usage_error(
-    client: mock.MagicMock, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    fake_client: mock.NonCallableMagicMock, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.delenv("KEY_VAULT_NAME")
     real_find_spec = kv_keys.importlib.util.find_spec
@@ -229,8 +229,8 @@ def test_missing_localvault_package_gives_a_clear_usage_error(
     )
     code, out, err = run(capsys, "--name", NAME)
     assert code == kv_keys.ExitStatus.USAGE
-    lines = assert_one_error(err)
+    lines = error_lines(err)
     assert "localvault" in lines[0]
     assert "run kv_keys.py from a clone" in lines[1] and "KEY_VAULT_NAME" in lines[1]
     assert out == ""  # it never claimed that localvault started
-    client.factory.assert_not_called()
+    fake_client.factory.assert_not_called()

@@ -10,7 +10,7 @@ import requests
 from azure.core.credentials import AccessToken
 from azure.core.exceptions import ClientAuthenticationError
 from azure.core.pipeline.transport import RequestsTransport
-from conftest import error_of
+from helpers import error_of
 
 from localvault.tokens import ISSUER, TokenIssuer
 

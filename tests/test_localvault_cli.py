@@ -10,6 +10,7 @@ import sys
 import textwrap
 
 import pytest
+from helpers import EXPORTED_NAMES
 
 from localvault.cli import read_exports
 
@@ -21,7 +22,7 @@ SDK_PROGRAM = textwrap.dedent(
     from azure.keyvault.keys import KeyClient
 
     client = KeyClient(
-        os.environ["KEY_VAULT_URL"],
+        os.environ["LOCALVAULT_URL"],
         DefaultAzureCredential(),
         verify_challenge_resource=False,
         connection_verify=os.environ["LOCALVAULT_CA_FILE"],
@@ -67,7 +68,7 @@ def _stop(process: subprocess.Popen) -> tuple:
 def test_standalone_serves_a_separate_sdk_process():
     process, exports = _start("--port", "0")
     try:
-        assert set(exports) == {"KEY_VAULT_URL", "IDENTITY_ENDPOINT", "IDENTITY_HEADER", "LOCALVAULT_CA_FILE"}
+        assert set(exports) == set(EXPORTED_NAMES)
         env = dict(_clean_env(), **exports)
         env.pop("PYTHONPATH")  # plain azure-identity and azure-keyvault-keys, nothing of ours
         result = subprocess.run(
@@ -162,4 +163,4 @@ def test_non_loopback_host_warns():
     code, _, err = _stop(process)
     assert code == 0
     assert "warning" in err and "not loopback" in err
-    assert exports["KEY_VAULT_URL"].startswith("https://127.0.0.1:")
+    assert exports["LOCALVAULT_URL"].startswith("https://127.0.0.1:")

@@ -227,7 +227,7 @@ def standalone() -> Iterator[dict]:
 
 
 def test_standalone_vault_is_controlled_from_plain_requests(standalone):
-    url, ca = standalone["KEY_VAULT_URL"], standalone["LOCALVAULT_CA_FILE"]
+    url, ca = standalone["LOCALVAULT_URL"], standalone["LOCALVAULT_CA_FILE"]
     session = requests.Session()
     session.headers["X-IDENTITY-HEADER"] = standalone["IDENTITY_HEADER"]
     faults = session.get(f"{url}/_localvault/faults", timeout=30, verify=ca).json()

@@ -20,9 +20,9 @@ import pytest
 from azure.core.exceptions import HttpResponseError
 from azure.keyvault.keys import JsonWebKey
 from azure.keyvault.keys.crypto import EncryptionAlgorithm, KeyWrapAlgorithm, SignatureAlgorithm
-from conftest import error_of
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa, utils
+from helpers import error_of
 
 RSA_ENCRYPTION = ["RSA1_5", "RSA-OAEP", "RSA-OAEP-256"]
 RSA_SIGNATURES = ["RS256", "RS384", "RS512", "PS256", "PS384", "PS512"]

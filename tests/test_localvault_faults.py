@@ -12,8 +12,8 @@ from azure.core.exceptions import (
     ServiceRequestError,
     ServiceResponseError,
 )
-from conftest import error_of
 from cryptography.hazmat.primitives.asymmetric import ec
+from helpers import error_of
 from test_localvault_crypto import ec_jwk
 
 THROTTLED = (

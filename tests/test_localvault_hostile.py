@@ -18,8 +18,8 @@ from typing import Iterator, List, Tuple
 from urllib.parse import urlsplit
 
 import pytest
-from conftest import RawVault, error_of
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from helpers import EXPORTED_NAMES, RawVault, error_of
 
 from localvault import LocalVault, cli, http11
 from localvault.cli import READY, read_exports
@@ -745,7 +745,7 @@ def test_env_file_is_written_0600_and_the_secret_stays_off_stdout(tmp_path):
                 break
         assert stat.S_IMODE(path.stat().st_mode) == 0o600
         exports = read_exports(path.read_text().splitlines())
-        assert set(exports) == {"KEY_VAULT_URL", "IDENTITY_ENDPOINT", "IDENTITY_HEADER", "LOCALVAULT_CA_FILE"}
+        assert set(exports) == set(EXPORTED_NAMES)
         assert exports["IDENTITY_HEADER"] not in "".join(printed)
         assert not any(line.startswith("export ") for line in printed)
         assert any(str(path) in line and "0600" in line for line in printed)

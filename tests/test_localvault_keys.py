@@ -10,8 +10,8 @@ import uuid
 import pytest
 from azure.core.exceptions import HttpResponseError, ResourceExistsError, ResourceNotFoundError
 from azure.keyvault.keys import JsonWebKey, KeyCurveName, KeyType
-from conftest import error_of
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from helpers import error_of
 
 
 def _b64(value: int, length: int = 0) -> bytes:

@@ -1,6 +1,7 @@
 """Managed HSM mode: its token resource, oct-HSM keys with the symmetric algorithms, random bytes.
 
-One Managed HSM vault serves this module, emptied before each test. Symmetric keys are imported from
+Each test has a Managed HSM of its own at https://NAME.managedhsm.azure.net (the plugin's ``vault_at_url``
+with ``localvault_options`` overridden below). Symmetric keys are imported from
 AES keys made here, so every result is cross-checked with ``cryptography``.
 """
 
@@ -11,18 +12,18 @@ import contextlib
 import hashlib
 import hmac
 import os
-from typing import Any, Iterator
+from typing import Any, Dict, Iterator
 
 import pytest
 import requests
 from azure.core.exceptions import HttpResponseError
 from azure.keyvault.keys import JsonWebKey
 from azure.keyvault.keys.crypto import EncryptionAlgorithm, KeyWrapAlgorithm, SignatureAlgorithm
-from conftest import RawVault, error_of
 from cryptography.hazmat.primitives import keywrap
 from cryptography.hazmat.primitives import padding as block_padding
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from helpers import RawVault, error_of
 from test_localvault_cli import _start, _stop
 
 from localvault import LocalVault
@@ -40,20 +41,18 @@ def unb64(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
-@pytest.fixture(scope="module")
-def hsm_session() -> Iterator[LocalVault]:
-    with LocalVault(managed_hsm=True) as vault:
-        yield vault
+@pytest.fixture
+def localvault_options() -> Dict[str, Any]:
+    return {"managed_hsm": True}
 
 
 @pytest.fixture
-def hsm(hsm_session: LocalVault) -> LocalVault:
-    hsm_session.reset()
-    return hsm_session
+def hsm(vault_at_url: LocalVault) -> LocalVault:
+    return vault_at_url
 
 
 @pytest.fixture
-def client(hsm: LocalVault) -> Iterator[Any]:
+def hsm_client(hsm: LocalVault) -> Iterator[Any]:
     key_client = hsm.key_client()
     yield key_client
     key_client.close()
@@ -69,10 +68,10 @@ def hsm_raw(hsm: LocalVault) -> Iterator[RawVault]:
 
 
 @pytest.fixture
-def import_aes(client: Any, unique_key_name: str) -> Any:
+def import_aes(hsm_client: Any, unique_key_name: str) -> Any:
     def make(bits: int = 256) -> tuple:
         secret = os.urandom(bits // 8)
-        key = client.import_key(unique_key_name, JsonWebKey(kty="oct-HSM", k=secret))
+        key = hsm_client.import_key(unique_key_name, JsonWebKey(kty="oct-HSM", k=secret))
         return key, secret
 
     return make
@@ -98,7 +97,7 @@ def sdk_error(excinfo: Any) -> tuple:
 # -- authentication and mode ----------------------------------------------------------------------
 
 
-def test_challenge_and_tokens_use_the_managed_hsm_resource(hsm, client):
+def test_challenge_and_tokens_use_the_managed_hsm_resource(hsm, hsm_client):
     response = requests.get(f"{hsm.url}/keys", params={"api-version": "2025-07-01"}, verify=hsm.ca_file)
     assert response.status_code == 401
     assert f'resource="{RESOURCE}"' in response.headers["WWW-Authenticate"]
@@ -111,7 +110,7 @@ def test_challenge_and_tokens_use_the_managed_hsm_resource(hsm, client):
     )
     assert response.status_code == 401
     assert hsm.resource == RESOURCE
-    assert list(client.list_properties_of_keys()) == []  # the SDK follows the challenge
+    assert list(hsm_client.list_properties_of_keys()) == []  # the SDK follows the challenge
 
 
 def test_standalone_managed_hsm_serves_managed_hsm_tokens():
@@ -120,7 +119,7 @@ def test_standalone_managed_hsm_serves_managed_hsm_tokens():
         credential = LocalVaultCredential(exports["IDENTITY_ENDPOINT"], exports["IDENTITY_HEADER"])
         token = credential.get_token(RESOURCE + "/.default").token
         response = requests.post(
-            exports["KEY_VAULT_URL"] + "/rng",
+            exports["LOCALVAULT_URL"] + "/rng",
             params={"api-version": "2025-07-01"},
             json={"count": 8},
             headers={"Authorization": f"Bearer {token}"},
@@ -137,9 +136,9 @@ def test_standalone_managed_hsm_serves_managed_hsm_tokens():
 # -- random bytes ---------------------------------------------------------------------------------
 
 
-def test_get_random_bytes(client):
-    assert len(client.get_random_bytes(1)) == 1
-    first, second = client.get_random_bytes(128), client.get_random_bytes(128)
+def test_get_random_bytes(hsm_client):
+    assert len(hsm_client.get_random_bytes(1)) == 1
+    first, second = hsm_client.get_random_bytes(128), hsm_client.get_random_bytes(128)
     assert len(first) == 128 and first != second
 
 
@@ -154,8 +153,8 @@ def test_get_random_bytes_bounds(hsm_raw, body):
 
 
 @pytest.mark.parametrize("bits", SIZES)
-def test_create_oct_hsm_keys(client, hsm_raw, unique_key_name, bits):
-    key = client.create_oct_key(unique_key_name, size=bits, hardware_protected=True)
+def test_create_oct_hsm_keys(hsm_client, hsm_raw, unique_key_name, bits):
+    key = hsm_client.create_oct_key(unique_key_name, size=bits, hardware_protected=True)
     assert key.key_type == "oct-HSM"
     assert key.key.k is None  # the secret never leaves the vault
     body = hsm_raw.request("GET", f"/keys/{unique_key_name}").json()
@@ -163,12 +162,12 @@ def test_create_oct_hsm_keys(client, hsm_raw, unique_key_name, bits):
     assert set(body["key"]) == {"kid", "kty", "key_ops"}
 
 
-def test_oct_key_size_must_be_an_aes_size(client, unique_key_name):
+def test_oct_key_size_must_be_an_aes_size(hsm_client, unique_key_name):
     with pytest.raises(HttpResponseError) as excinfo:
-        client.create_oct_key(unique_key_name, size=512, hardware_protected=True)
+        hsm_client.create_oct_key(unique_key_name, size=512, hardware_protected=True)
     assert sdk_error(excinfo) == (400, "BadParameter")
     with pytest.raises(HttpResponseError) as excinfo:
-        client.import_key(unique_key_name, JsonWebKey(kty="oct-HSM", k=os.urandom(20)))
+        hsm_client.import_key(unique_key_name, JsonWebKey(kty="oct-HSM", k=os.urandom(20)))
     assert sdk_error(excinfo) == (400, "BadParameter")
 
 
@@ -301,9 +300,9 @@ def test_symmetric_refusals(import_aes, hsm_raw, operation, body):
     assert error_of(response)["code"] == "BadParameter"
 
 
-def test_disabled_oct_key_refuses_every_operation(client, import_aes, hsm_raw):
+def test_disabled_oct_key_refuses_every_operation(hsm_client, import_aes, hsm_raw):
     key, _ = import_aes(256)
-    client.update_key_properties(key.name, enabled=False)
+    hsm_client.update_key_properties(key.name, enabled=False)
     response = hsm_raw.request(
         "POST", f"/keys/{key.name}//wrapkey", json={"alg": "A256KW", "value": b64(bytes(32))}
     )
@@ -311,8 +310,8 @@ def test_disabled_oct_key_refuses_every_operation(client, import_aes, hsm_raw):
     assert error_of(response)["innererror"] == {"code": "KeyDisabled"}
 
 
-def test_rsa_hsm_keys_work_in_managed_hsm_mode(hsm, client, unique_key_name):
-    key = client.create_rsa_key(unique_key_name, size=2048, hardware_protected=True)
+def test_rsa_hsm_keys_work_in_managed_hsm_mode(hsm, hsm_client, unique_key_name):
+    key = hsm_client.create_rsa_key(unique_key_name, size=2048, hardware_protected=True)
     with hsm.crypto_client(key.id) as crypto:
         digest = hashlib.sha256(b"m").digest()
         signature = crypto.sign(SignatureAlgorithm.rs256, digest).signature
@@ -322,21 +321,21 @@ def test_rsa_hsm_keys_work_in_managed_hsm_mode(hsm, client, unique_key_name):
 # -- backup and restore ---------------------------------------------------------------------------
 
 
-def test_oct_key_backup_restores_with_its_secret(hsm, client, import_aes):
+def test_oct_key_backup_restores_with_its_secret(hsm, hsm_client, import_aes):
     key, secret = import_aes(192)
-    blob = client.backup_key(key.name)
-    client.begin_delete_key(key.name).wait()
-    client.purge_deleted_key(key.name)
-    restored = client.restore_key_backup(blob)
+    blob = hsm_client.backup_key(key.name)
+    hsm_client.begin_delete_key(key.name).wait()
+    hsm_client.purge_deleted_key(key.name)
+    restored = hsm_client.restore_key_backup(blob)
     assert restored.id == key.id and restored.key_type == "oct-HSM"
     with hsm.crypto_client(key.id) as crypto, remote_only():
         wrapped = crypto.wrap_key(KeyWrapAlgorithm.aes_192, bytes(24)).encrypted_key
     assert keywrap.aes_key_unwrap(secret, wrapped) == bytes(24)
 
 
-def test_a_key_vault_does_not_restore_an_oct_key(client, import_aes, key_client):
+def test_a_key_vault_does_not_restore_an_oct_key(hsm_client, import_aes, key_client):
     key, _ = import_aes(256)
-    blob = client.backup_key(key.name)
+    blob = hsm_client.backup_key(key.name)
     with pytest.raises(HttpResponseError) as excinfo:
         key_client.restore_key_backup(blob)
     assert sdk_error(excinfo) == (400, "BadParameter")

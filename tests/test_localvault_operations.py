@@ -6,8 +6,8 @@ from __future__ import annotations
 import base64
 import hashlib
 
-from conftest import error_of
 from cryptography.hazmat.primitives.asymmetric import ec
+from helpers import error_of
 
 from localvault.urls import ROUTES
 

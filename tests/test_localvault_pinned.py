@@ -5,8 +5,8 @@ from __future__ import annotations
 import base64
 
 import pytest
-from conftest import error_of
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from helpers import error_of
 
 MAGIC_LEN, NONCE_LEN, TAG_LEN = 5, 12, 16  # a backup blob: magic, AES-GCM nonce, sealed payload, tag
 

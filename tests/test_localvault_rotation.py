@@ -14,7 +14,7 @@ from azure.keyvault.keys import (
     KeyRotationPolicyAction,
     KeyType,
 )
-from conftest import error_of
+from helpers import error_of
 
 from localvault import LocalVault
 from localvault.models import MAX_CATCH_UP_ROTATIONS, TRIGGERS

@@ -7,7 +7,7 @@ import socket
 import ssl
 
 import pytest
-from conftest import API_VERSION, error_of
+from helpers import API_VERSION, error_of
 
 SERVICE_HEADERS = (
     "Cache-Control",
