@@ -172,6 +172,8 @@ class LocalVault:
                 files = tls.generate(self._dir, _extra_ips(self.host), authority, ca_file, dns_names=names)
             self.ca_file = files.ca_file
             self.trust_bundle = tls.write_bundle(os.path.join(self._dir, "trust.pem"), self.ca_file)
+            self.azure_config_dir = os.path.join(self._dir, "azure")
+            os.mkdir(self.azure_config_dir, 0o700)
             self._context = tls.server_context(files)
             self._identity_server = IdentityServer(
                 (LOOPBACK, self._identity_port), self.issuer, self._identity_secret, self.max_connections
@@ -448,6 +450,9 @@ class LocalVault:
             "NODE_EXTRA_CA_CERTS": owner.ca_file,
             "IDENTITY_ENDPOINT": owner.identity_endpoint,
             "IDENTITY_HEADER": owner._identity_secret,
+            # The Azure CLI's login for this vault, apart from yours: `az login --identity` here
+            # replaces nothing in ~/.azure, and no real login is found by DefaultAzureCredential.
+            "AZURE_CONFIG_DIR": owner.azure_config_dir,
             "LOCALVAULT_URL": owner.url,
             "LOCALVAULT_CA_FILE": owner.ca_file,
             "KEY_VAULT_URL": self.url,
