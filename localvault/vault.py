@@ -15,7 +15,7 @@ from typing import Any, Dict, Iterable, List, Optional
 from . import proxy, tls
 from .clock import Clock
 from .control import KEY_PERMISSIONS, Controls
-from .faults import FaultPlan
+from .faults import HOLD_TIMEOUT, FaultPlan, Hold
 from .models import KeyStore
 from .persist import DATA_KEY_VARIABLE, DataDir, DataDirError, PersistedClock
 from .proxy import ProxyServer
@@ -209,6 +209,7 @@ class LocalVault:
 
     def stop(self) -> None:
         """Stop serving, close every connection, join every thread and remove the certificate files."""
+        self.controls.holds.release_all()
         with self._children_lock:
             children = list(self._children.values())
             self._children.clear()
@@ -332,6 +333,13 @@ class LocalVault:
     def clear_faults(self) -> None:
         """No injected failures: no rates and no pending ``fail_next``."""
         self.faults.clear()
+
+    def hold_next(self, operation: str, when: str = "before", timeout: float = HOLD_TIMEOUT) -> Hold:
+        """Hold the next request of ``operation`` (a keys.json operationId, any case) ``before`` the vault
+        acts on it or ``after`` (changed, its answer not sent), until the returned hold's ``release()``,
+        the end of a ``with`` block on it, ``reset()``, or ``timeout`` seconds. ``hold.wait()`` waits
+        until a request is held. Other requests go on meanwhile."""
+        return self.controls.holds.hold_next(operation, when, timeout)
 
     @property
     def key_permissions(self) -> List[str]:
