@@ -8,12 +8,24 @@ through timer threads.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from datetime import timedelta
 
 # The clock may not be moved past this (the year 9000): later dates break the calendar's arithmetic.
 MAX_CLOCK = 221_845_392_000
+
+
+def valid_offset(offset: object) -> bool:
+    """Whether ``offset`` is one a clock can have: a finite number of seconds, not behind real time, and
+    not past MAX_CLOCK."""
+    return (
+        isinstance(offset, (int, float))
+        and not isinstance(offset, bool)
+        and math.isfinite(offset)
+        and 0 <= offset <= MAX_CLOCK - time.time()
+    )
 
 
 class Clock:

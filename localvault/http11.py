@@ -29,7 +29,7 @@ SEND_TIMEOUT = 30.0  # for all of one answer, however slowly the client reads it
 LINGER_TIMEOUT = 2.0  # to read and drop what a client still sends after an answer that ends its connection
 MAX_CONNECTIONS = 128  # per server; beyond it the longest idle connection is closed, or else the new one
 BACKLOG = 128  # connections the kernel queues before the server accepts them
-TOO_LARGE = f"The request body is larger than {MAX_BODY} bytes."
+TOO_LARGE = "The request body is larger than {} bytes."
 BAD_FRAMING = (
     "The request body needs one valid Content-Length; Transfer-Encoding (chunked or any other) "
     "is not supported."
@@ -459,9 +459,10 @@ class Handler(BaseHTTPRequestHandler):
 
     def handle_expect_100(self) -> bool:
         """Refuse a body before the client sends it, or ask for it now rather than with the answer."""
-        length = self._content_length()
-        if length is None or length > MAX_BODY:
-            self.send_error(400 if length is None else 413, BAD_FRAMING if length is None else TOO_LARGE)
+        length, limit = self._content_length(), self.body_limit()
+        if length is None or length > limit:
+            too_large = TOO_LARGE.format(limit)
+            self.send_error(400 if length is None else 413, BAD_FRAMING if length is None else too_large)
             return False
         self.send_response_only(100)
         self.end_headers()
@@ -534,12 +535,16 @@ class Handler(BaseHTTPRequestHandler):
                 break
             length -= len(chunk)
 
+    def body_limit(self) -> int:
+        """The largest body this request may have: read before anything is done with it."""
+        return MAX_BODY
+
     def read_body(self) -> bytes:
         length = self._content_length()
         if length is None:
             self.close_connection = True
             raise BadParameter(BAD_FRAMING)
-        if length > MAX_BODY:
+        if length > self.body_limit():
             self.skip_body()
-            raise PayloadTooLarge(TOO_LARGE)
+            raise PayloadTooLarge(TOO_LARGE.format(self.body_limit()))
         return self.rfile.read(length)

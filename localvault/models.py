@@ -9,25 +9,31 @@ import functools
 import heapq
 import json
 import os
+import re
 import threading
 import uuid
+import zlib
 from collections import deque
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any, Deque, Dict, Iterable, List, Optional, Tuple
 
 import isodate
-from cryptography.exceptions import InvalidTag
+from cryptography.exceptions import InvalidTag, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from . import crypto
-from .clock import Clock
+from .clock import MAX_CLOCK, Clock
 from .exceptions import BadParameter, Conflict, Forbidden, KeyNotFound, VaultError
 from .journal import Journal, WriteOrdering
 from .jwk import (
+    CURVES,
     KEY_TYPES,
+    MAX_RSA_EXPONENT_BYTES,
     RSA_SIZES,
+    SYMMETRIC_SIZES,
     PrivateKey,
     b64url_decode,
     b64url_encode,
@@ -37,7 +43,7 @@ from .jwk import (
     regenerate_key,
     rsa_modulus_bits,
 )
-from .workers import CryptoWorkers
+from .workers import CryptoWorkers, check_rsa_numbers
 
 KEY_OPS = ("encrypt", "decrypt", "sign", "verify", "wrapKey", "unwrapKey", "import", "export")
 DEFAULT_OPS = {
@@ -47,7 +53,16 @@ DEFAULT_OPS = {
 }
 MAX_TAGS = 15
 SECONDS_PER_DAY = 86400
-_BACKUP_MAGIC = b"LVKB1"
+# A backup: magic, nonce, AES-GCM of its JSON. LVKB2's JSON is zlib-compressed and names the kind of vault
+# that made it; LVKB1 (before) holds the key alone.
+_BACKUP_MAGIC, _BACKUP_MAGIC_V1 = b"LVKB2", b"LVKB1"
+# Key Vault's limit ("Back up individual key, secret, certificate: 500 versions", service limits).
+MAX_BACKUP_VERSIONS = 500
+# A restore's body: what a backup of 500 RSA-4096 versions with tags takes, and more. A backup that would
+# not fit is refused when it is made, so every backup this vault makes restores.
+MAX_RESTORE_BODY = 4 * 2**20
+_MAX_BACKUP_JSON = 64 * 2**20  # decompressed (only a sealed blob, so one a vault made, gets that far)
+_RESTORE_BODY_EXTRA = 1024  # room for '{"value": ""}' around the base64url
 # Vaults in one process share a sealing key, as vaults in one Azure geography accept each other's backups.
 _PROCESS_BACKUP_SECRET = AESGCM.generate_key(bit_length=256)
 
@@ -62,6 +77,9 @@ MAX_DURATION_CHARS = 64
 MAX_CATCH_UP_ROTATIONS = 32
 _parse_duration = functools.lru_cache(maxsize=256)(isodate.parse_duration)
 SKUS = ("standard", "premium")
+NAME = re.compile(r"^[0-9a-zA-Z-]{1,127}$")
+VERSION = re.compile(r"^[0-9a-f]{32}$")
+_CURVE_TYPES = {type(curve).__name__ for curve in CURVES.values()}
 # How the vault names itself in error messages, as "<vault name>;location=<region>".
 VAULT_LOCATION = "localvault;location=localvault"
 
@@ -794,18 +812,49 @@ class KeyStore(WriteOrdering):
     # -- backup and restore ---------------------------------------------------------------------
 
     def backup(self, name: str) -> bytes:
-        """All versions of a key and its rotation policy, sealed with this vault's secret (AES-256-GCM)."""
+        """All versions of a key and its rotation policy, sealed with this vault's secret (AES-256-GCM).
+        At most MAX_BACKUP_VERSIONS, as Key Vault; and no larger than a restore accepts."""
         with self._locked(name):
             self._catch_up()
-            payload = json.dumps(record_to_dict(self._record(name)))
+            record = self._record(name)
+            if len(record.versions) > MAX_BACKUP_VERSIONS:
+                raise BadParameter(
+                    f"Key {record.name} has {len(record.versions)} versions; a backup holds at most "
+                    f"{MAX_BACKUP_VERSIONS}, as in Key Vault."
+                )
+            payload = {"vault": self._kind, "key": record_to_dict(record)}
+        packed = zlib.compress(json.dumps(payload, separators=(",", ":")).encode(), 6)
         nonce = os.urandom(12)
-        return _BACKUP_MAGIC + nonce + self._aead.encrypt(nonce, payload.encode(), _BACKUP_MAGIC)
+        blob = _BACKUP_MAGIC + nonce + self._aead.encrypt(nonce, packed, _BACKUP_MAGIC)
+        encoded = -(-len(blob) * 4 // 3)  # its base64url in a restore's body
+        if encoded > MAX_RESTORE_BODY - _RESTORE_BODY_EXTRA:
+            raise BadParameter(
+                f"The backup of key {record.name} would be {encoded} bytes of base64url, more than a restore "
+                f"takes ({MAX_RESTORE_BODY - _RESTORE_BODY_EXTRA}); its tags make it too large."
+            )
+        return blob
+
+    @property
+    def _kind(self) -> str:
+        return "managedhsm" if self.managed_hsm else "keyvault"
 
     def restore(self, blob: bytes) -> KeyVersion:
-        record = self._open_backup(blob)
+        record, kind = self._open_backup(blob)
         self.check_key_type(record.current().kty)
         if not self.managed_hsm and record.current().family == "oct":
             raise BadParameter("This backup holds an oct key, which only a Managed HSM can restore.")
+        # Key Vault and Managed HSM back up differently and restore only their own kind's backups; an
+        # older backup says not which made it, but a Notify (Key Vault only) does.
+        has_notify = record.policy is not None and any(
+            a.action == NOTIFY for a in record.policy.lifetime_actions
+        )
+        if kind not in (None, self._kind) or (kind is None and self.managed_hsm and has_notify):
+            made_by, here = ("a key vault", "a Managed HSM")
+            if not self.managed_hsm:
+                made_by, here = here, made_by
+            raise BadParameter(
+                f"This backup was made by {made_by}; {here} restores only backups made by {here}."
+            )
         with self._locked(record.name):
             self._catch_up()
             self.check_name_free(record.name)
@@ -818,16 +867,35 @@ class KeyStore(WriteOrdering):
             self._changed(record.name)
             return record.current()
 
-    def _open_backup(self, blob: bytes) -> KeyRecord:
+    def _open_backup(self, blob: bytes) -> Tuple[KeyRecord, Optional[str]]:
+        """The key a backup holds, and the kind of vault that made it (None: an LVKB1 backup, which
+        does not say)."""
         invalid = BadParameter("Backup blob contains invalid or corrupt version.")
-        if not blob.startswith(_BACKUP_MAGIC) or len(blob) < len(_BACKUP_MAGIC) + 12 + 16:
+        magic = blob[: len(_BACKUP_MAGIC)]
+        if magic not in (_BACKUP_MAGIC, _BACKUP_MAGIC_V1) or len(blob) < len(magic) + 12 + 16:
             raise invalid
-        nonce, sealed = blob[len(_BACKUP_MAGIC) : len(_BACKUP_MAGIC) + 12], blob[len(_BACKUP_MAGIC) + 12 :]
+        nonce, sealed = blob[len(magic) : len(magic) + 12], blob[len(magic) + 12 :]
         try:
-            data = json.loads(self._aead.decrypt(nonce, sealed, _BACKUP_MAGIC))
+            opened = self._aead.decrypt(nonce, sealed, magic)
         except InvalidTag:
             raise invalid from None
-        return record_from_dict(data, trusted=True)  # sealed by a vault, checked when it was made
+        try:
+            if magic == _BACKUP_MAGIC_V1:
+                data, kind = json.loads(opened), None
+            else:
+                unpacker = zlib.decompressobj()
+                text = unpacker.decompress(opened, _MAX_BACKUP_JSON)
+                if unpacker.unconsumed_tail or not unpacker.eof:
+                    raise invalid
+                payload = json.loads(text)
+                data, kind = payload["key"], payload["vault"]
+                if kind not in ("keyvault", "managedhsm"):
+                    raise invalid
+            if len(data["versions"]) > MAX_BACKUP_VERSIONS:
+                raise invalid
+            return record_from_dict(data), kind
+        except (CorruptRecord, ValueError, KeyError, TypeError, zlib.error):
+            raise invalid from None
 
 
 def record_to_dict(record: KeyRecord) -> Dict[str, Any]:
@@ -852,17 +920,161 @@ def record_to_dict(record: KeyRecord) -> Dict[str, Any]:
     return {"name": record.name, "latest": record.latest, "versions": versions, "policy": policy}
 
 
-def record_from_dict(data: Dict[str, Any], trusted: bool = False) -> KeyRecord:
-    """Inverse of record_to_dict; consumes ``data``. ``trusted``: RSA keys from a sealed backup, which a
-    vault made and checked, skip cryptography's check (slow, and it holds the GIL)."""
-    record = KeyRecord(name=data["name"], latest=data["latest"])
-    if data.get("policy") is not None:
-        actions = [LifetimeAction(**a) for a in data["policy"].pop("lifetime_actions")]
-        record.policy = RotationPolicy(actions, **data["policy"])
-    for v in data["versions"]:
-        key = _opened_key_material(v, trusted)
-        record.versions[v["version"]] = KeyVersion(name=record.name, private_key=key, **v)
+class CorruptRecord(ValueError):
+    """A stored key that cannot be used as it is: ``field`` names the first member found wrong, such as
+    ``versions[2].kty`` or ``policy.updated``."""
+
+    def __init__(self, field: str, why: str) -> None:
+        super().__init__(f"{field} {why}")
+        self.field, self.why = field, why
+
+
+def _member(data: Dict[str, Any], key: str, path: str, ok: Any, what: str, optional: bool = False) -> Any:
+    """``data[key]`` if ``ok(value)``; None if it is absent or null and ``optional``; else CorruptRecord."""
+    value = data.get(key)
+    if value is None and optional:
+        return None
+    if key not in data:
+        raise CorruptRecord(path + key, "is missing")
+    if not ok(value):
+        raise CorruptRecord(path + key, f"is not {what}")
+    return value
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_stamp(value: Any) -> bool:
+    return _is_int(value) and 0 <= value <= MAX_CLOCK
+
+
+def _is_duration(value: Any) -> bool:
+    try:
+        add_duration(0, value, "duration")
+        return True
+    except BadParameter:
+        return False
+
+
+def _only(data: Any, keys: Iterable[str], path: str) -> Dict[str, Any]:
+    """``data`` if it is an object with no member but ``keys``."""
+    if not isinstance(data, dict):
+        raise CorruptRecord(path.rstrip(".") or "the key", "is not an object")
+    extra = sorted(set(data) - set(keys))
+    if extra:
+        raise CorruptRecord(path + extra[0], "is not a member this localvault knows")
+    return data
+
+
+_VERSION_MEMBERS = (
+    "version",
+    "kty",
+    "pkcs8",
+    "oct",
+    "key_ops",
+    "enabled",
+    "created",
+    "updated",
+    "nbf",
+    "exp",
+    "tags",
+)
+
+
+def record_from_dict(data: Dict[str, Any]) -> KeyRecord:
+    """Inverse of record_to_dict, every member checked: CorruptRecord names the first one wrong."""
+    _only(data, ("name", "latest", "versions", "policy"), "")
+    name = _member(data, "name", "", lambda v: isinstance(v, str) and NAME.match(v), "a key name")
+    record = KeyRecord(name=name, policy=_policy_from_dict(data.get("policy")))
+    versions = _member(data, "versions", "", lambda v: isinstance(v, list) and v, "a list of versions")
+    for index, item in enumerate(versions):
+        version = _version_from_dict(item, name, f"versions[{index}].")
+        if version.version in record.versions:
+            raise CorruptRecord(f"versions[{index}].version", "repeats another version's")
+        record.versions[version.version] = version
+    record.latest = _member(data, "latest", "", lambda v: v in record.versions, "one of the versions")
     return record
+
+
+def _version_from_dict(data: Any, name: str, path: str) -> KeyVersion:
+    _only(data, _VERSION_MEMBERS, path)
+    kty = _member(data, "kty", path, lambda v: v in KEY_TYPES, "a key type")
+    family = KEY_TYPES[kty]
+    material = "oct" if family == "oct" else "pkcs8"
+    if ("oct" if material == "pkcs8" else "pkcs8") in data:
+        raise CorruptRecord(path + material, f"is missing: a {kty} key holds its key as {material}")
+    encoded = _member(data, material, path, lambda v: isinstance(v, str), "base64url")
+    try:
+        key = _opened_key_material(family, b64url_decode(encoded))
+    except (BadParameter, ValueError, TypeError, UnsupportedAlgorithm) as exc:
+        raise CorruptRecord(path + material, f"is not a {kty} key localvault can use ({exc})") from None
+    tags = _member(data, "tags", path, _stored_tags, f"at most {MAX_TAGS} tags of strings", optional=True)
+    return KeyVersion(
+        name=name,
+        version=_member(
+            data, "version", path, lambda v: isinstance(v, str) and VERSION.match(v), "a version id"
+        ),
+        kty=kty,
+        private_key=key,
+        key_ops=_member(
+            data,
+            "key_ops",
+            path,
+            lambda v: isinstance(v, list) and all(op in KEY_OPS for op in v),
+            "key operations",
+        ),
+        enabled=_member(data, "enabled", path, lambda v: isinstance(v, bool), "true or false"),
+        created=_member(data, "created", path, _is_stamp, "a date"),
+        updated=_member(data, "updated", path, _is_stamp, "a date"),
+        nbf=_member(data, "nbf", path, _is_int, "a date", optional=True),
+        exp=_member(data, "exp", path, _is_int, "a date", optional=True),
+        tags=None if tags is None else dict(tags),
+    )
+
+
+def _stored_tags(tags: Any) -> bool:
+    if not isinstance(tags, dict) or not all(isinstance(v, str) for v in tags.values()):
+        return False
+    try:
+        validate_tags(tags)
+        return True
+    except BadParameter:
+        return False
+
+
+def _policy_from_dict(data: Any) -> Optional[RotationPolicy]:
+    if data is None:
+        return None
+    _only(data, ("lifetime_actions", "expiry_time", "created", "updated"), "policy.")
+    actions = []
+    listed = _member(data, "lifetime_actions", "policy.", lambda v: isinstance(v, list), "a list of actions")
+    for index, item in enumerate(listed):
+        path = f"policy.lifetime_actions[{index}]."
+        _only(item, ("action", "trigger", "duration"), path)
+        actions.append(
+            LifetimeAction(
+                _member(item, "action", path, lambda v: v in (ROTATE, NOTIFY), f"{ROTATE} or {NOTIFY}"),
+                _member(item, "trigger", path, lambda v: v in TRIGGERS, " or ".join(TRIGGERS)),
+                _member(item, "duration", path, _is_duration, "an ISO 8601 duration"),
+            )
+        )
+    return RotationPolicy(
+        actions,
+        _member(data, "expiry_time", "policy.", _is_duration, "an ISO 8601 duration", optional=True),
+        _member(data, "created", "policy.", _is_stamp, "a date", optional=True),
+        _member(data, "updated", "policy.", _is_stamp, "a date", optional=True),
+    )
+
+
+def deleted_from_dict(record: KeyRecord, data: Any) -> DeletedKey:
+    """A deleted key's dates, as the data directory keeps them (``{"date", "purge"}``)."""
+    _only(data, ("date", "purge"), "deleted.")
+    return DeletedKey(
+        record,
+        _member(data, "date", "deleted.", _is_stamp, "a date"),
+        _member(data, "purge", "deleted.", _is_stamp, "a date"),
+    )
 
 
 def _sealed_key_material(key: PrivateKey) -> Dict[str, str]:
@@ -875,9 +1087,25 @@ def _sealed_key_material(key: PrivateKey) -> Dict[str, str]:
     return {"pkcs8": b64url_encode(der)}
 
 
-def _opened_key_material(version: Dict[str, Any], trusted: bool = False) -> PrivateKey:
-    """Inverse of _sealed_key_material; removes the key material from ``version``."""
-    if "oct" in version:
-        return b64url_decode(version.pop("oct"))
-    der = b64url_decode(version.pop("pkcs8"))
-    return serialization.load_der_private_key(der, None, unsafe_skip_rsa_key_validation=trusted)  # type: ignore[return-value]
+def _opened_key_material(family: str, raw: bytes) -> PrivateKey:
+    """Inverse of _sealed_key_material, for a key of ``family``. The size is bounded before any check of
+    the numbers, and cryptography's slow check (primality) is left out: the cheap one finds damage."""
+    if family == "oct":
+        if len(raw) * 8 not in SYMMETRIC_SIZES:
+            raise ValueError(f"an AES key of {len(raw)} bytes")
+        return raw
+    key = serialization.load_der_private_key(raw, None, unsafe_skip_rsa_key_validation=True)
+    if family == "EC":
+        if not isinstance(key, ec.EllipticCurvePrivateKey) or type(key.curve).__name__ not in _CURVE_TYPES:
+            raise ValueError("not a key on a supported curve")
+        return key
+    if not isinstance(key, rsa.RSAPrivateKey) or key.key_size not in RSA_SIZES:
+        raise ValueError(f"not an RSA key of {', '.join(map(str, RSA_SIZES))} bits")
+    numbers = key.private_numbers()
+    public = numbers.public_numbers
+    if public.e.bit_length() > 8 * MAX_RSA_EXPONENT_BYTES:
+        raise ValueError("its public exponent is too long")
+    check_rsa_numbers(
+        (numbers.p, numbers.q, numbers.d, numbers.dmp1, numbers.dmq1, numbers.iqmp, public.e, public.n)
+    )
+    return key

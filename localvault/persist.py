@@ -31,15 +31,23 @@ import threading
 import uuid
 import warnings
 from datetime import timedelta
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from cryptography.exceptions import InvalidTag
+from cryptography.exceptions import InvalidTag, UnsupportedAlgorithm
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 from . import tls
-from .clock import Clock
-from .models import DeletedKey, KeyRecord, KeyStore, record_from_dict, record_to_dict
+from .clock import Clock, valid_offset
+from .models import (
+    CorruptRecord,
+    DeletedKey,
+    KeyRecord,
+    KeyStore,
+    deleted_from_dict,
+    record_from_dict,
+    record_to_dict,
+)
 from .tokens import TokenIssuer
 
 try:
@@ -58,6 +66,9 @@ META, SECRETS, CA, CLOCK, LOCK, KEYS = (
     "keys",
 )
 SCRYPT = {"n": 2**15, "r": 8, "p": 1}  # about 32 MiB and a tenth of a second, once per start
+# What an existing DIR's localvault.json may ask scrypt for: checked before it runs.
+MAX_SCRYPT = {"n": 2**20, "r": 32, "p": 16}
+MAX_SCRYPT_MEMORY = 256 * 2**20  # 128 * n * r bytes
 _SEALED = b"LVSEALED1"
 _CHECK = b"localvault data key"
 _TMP = ".tmp-"
@@ -78,6 +89,39 @@ def _b64(data: bytes) -> str:
 
 def _unb64(text: str) -> bytes:
     return base64.b64decode(text.encode(), validate=True)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _bounded(most: int) -> Callable[[Any], bool]:
+    return lambda value: _is_int(value) and 1 <= value <= most
+
+
+def _scrypt_n(value: Any) -> bool:
+    return _is_int(value) and 2 <= value <= MAX_SCRYPT["n"] and value & (value - 1) == 0
+
+
+def _bytes_of(text: Any, least: int, most: int) -> bool:
+    """Whether ``text`` is base64 of ``least`` to ``most`` bytes."""
+    if not isinstance(text, str) or len(text) > 4 * most:
+        return False
+    try:
+        return least <= len(_unb64(text)) <= most
+    except ValueError:
+        return False
+
+
+def _secret_text(value: Any) -> bool:
+    return isinstance(value, str) and 16 <= len(value) <= 256 and all("!" <= c <= "~" for c in value)
+
+
+def _is_uuid(value: Any) -> bool:
+    try:
+        return isinstance(value, str) and str(uuid.UUID(value)) == value
+    except ValueError:
+        return False
 
 
 def _derive(passphrase: str, salt: bytes, params: Dict[str, int]) -> bytes:
@@ -132,8 +176,10 @@ class DataDir:
                     f"{self.path} is not empty and holds no localvault state ({META} is missing); "
                     "choose a new or empty directory for --data."
                 )
+            self._refuse_links()
             os.chmod(self.path, 0o700)
-            self._lock_fd = os.open(self._file(LOCK), os.O_RDWR | os.O_CREAT, 0o600)
+            nofollow = getattr(os, "O_NOFOLLOW", 0)  # and a link planted since is not followed
+            self._lock_fd = os.open(self._file(LOCK), os.O_RDWR | os.O_CREAT | nofollow, 0o600)
             os.fchmod(self._lock_fd, 0o600)
         except OSError as exc:
             raise DataDirError(f"cannot use {self.path} as a data directory: {exc.strerror}") from None
@@ -144,6 +190,20 @@ class DataDir:
                 raise DataDirError(
                     f"{self.path} is in use by another localvault; stop it first, or choose another --data."
                 ) from None
+
+    def _refuse_links(self) -> None:
+        """DIR holds its own files only: a symbolic link in it (to ``keys/``, ``lock`` or a file) would
+        have localvault change modes or write where it points."""
+        for relative in ("", KEYS):
+            if relative and not os.path.isdir(self._file(relative)):
+                continue
+            for entry in os.listdir(self._file(relative)):
+                path = os.path.join(self._file(relative), entry)
+                if os.path.islink(path):
+                    raise DataDirError(
+                        f"{path} is a symbolic link; localvault uses no links in its data directory: "
+                        "put the file itself there, or remove it."
+                    )
 
     def _create(self, passphrase: Optional[str], backup_secret: Optional[bytes]) -> None:
         meta: Dict[str, Any] = {"format": FORMAT, "encrypted": passphrase is not None}
@@ -185,22 +245,38 @@ class DataDir:
 
     def _open_existing(self, passphrase: Optional[str]) -> None:
         meta = self._read_json(META, sealed=False)
-        if meta.get("format") != FORMAT:
+        if not (_is_int(meta.get("format")) and meta["format"] == FORMAT):
             raise DataDirError(f"{self._file(META)} is of an unknown format; this localvault cannot use it.")
-        if meta.get("encrypted"):
+        encrypted = self._field(META, meta, "encrypted", lambda v: isinstance(v, bool), "true or false")
+        if encrypted:
             if passphrase is None:
                 raise DataDirError(
                     f"{self.path} is encrypted: set {DATA_KEY_VARIABLE} to the passphrase it was created with."
                 )
+            # every parameter bounded before scrypt runs: a hostile n or r would take minutes and GiB
+            kdf = self._field(META, meta, "kdf", lambda v: isinstance(v, dict), "an object")
+            self._field(META, kdf, "name", lambda v: v == "scrypt", "scrypt", "kdf.")
+            salt = self._field(
+                META, kdf, "salt", lambda v: _bytes_of(v, 16, 64), "16 to 64 bytes of base64", "kdf."
+            )
+            params = {
+                "n": self._field(META, kdf, "n", _scrypt_n, f"a power of 2 up to {MAX_SCRYPT['n']}", "kdf."),
+                "r": self._field(
+                    META, kdf, "r", _bounded(MAX_SCRYPT["r"]), f"1 to {MAX_SCRYPT['r']}", "kdf."
+                ),
+                "p": self._field(
+                    META, kdf, "p", _bounded(MAX_SCRYPT["p"]), f"1 to {MAX_SCRYPT['p']}", "kdf."
+                ),
+            }
+            if 128 * params["n"] * params["r"] > MAX_SCRYPT_MEMORY:
+                raise self._corrupt(
+                    META, "kdf.n", f"with kdf.r needs more than {MAX_SCRYPT_MEMORY >> 20} MiB"
+                )
+            size = len(_SEALED) + 12 + len(_CHECK) + 16
+            check = self._field(META, meta, "check", lambda v: _bytes_of(v, size, size), "a sealed check")
+            self._aead = AESGCM(_derive(passphrase, _unb64(salt), params))
             try:
-                kdf = meta["kdf"]
-                key = _derive(passphrase, _unb64(kdf["salt"]), kdf)
-                check = _unb64(meta["check"])
-            except (KeyError, TypeError, ValueError):
-                raise self._corrupt(META) from None
-            self._aead = AESGCM(key)
-            try:
-                self._open(check, META)
+                self._open(_unb64(check), META)
             except DataDirError:
                 raise DataDirError(
                     f"{DATA_KEY_VARIABLE} is not the passphrase {self.path} was created with."
@@ -212,23 +288,25 @@ class DataDir:
             )
         self._remove_temporaries("")
         data, ca_pem = self._read_json(SECRETS), self._read(CA)
+        self.identity_secret = self._field(
+            SECRETS, data, "identity_secret", _secret_text, "16 to 256 visible ASCII characters"
+        )
+        self.token_key = _unb64(
+            self._field(SECRETS, data, "token_key", lambda v: _bytes_of(v, 32, 64), "32 bytes")
+        )
+        self.principal_id = self._field(SECRETS, data, "principal_id", _is_uuid, "a UUID")
+        self.backup_key = _unb64(
+            self._field(SECRETS, data, "backup_key", lambda v: _bytes_of(v, 32, 32), "32 bytes")
+        )
+        ca_key = self._field(SECRETS, data, "ca_key", lambda v: isinstance(v, str), "a PEM private key")
         try:
-            self.identity_secret = str(data["identity_secret"])
-            self.token_key = _unb64(data["token_key"])
-            self.principal_id = str(data["principal_id"])
-            self.backup_key = _unb64(data["backup_key"])
-            ca_key = data["ca_key"].encode()
-        except (KeyError, TypeError, ValueError, AttributeError):
-            raise self._corrupt(SECRETS) from None
-        try:
-            self.authority = tls.Authority.from_pem(ca_pem, ca_key)
-        except ValueError:
-            raise self._corrupt(CA) from None
+            self.authority = tls.Authority.from_pem(ca_pem, ca_key.encode())
+        except (ValueError, TypeError, UnsupportedAlgorithm):
+            raise self._corrupt(CA, "", "does not hold the CA of the key in secrets.json") from None
         clock = self._read_json(CLOCK, sealed=False)
-        try:
-            self.clock_offset = float(clock["offset"])
-        except (KeyError, TypeError, ValueError):
-            raise self._corrupt(CLOCK) from None
+        self.clock_offset = float(
+            self._field(CLOCK, clock, "offset", valid_offset, "a finite offset ahead of now")
+        )
 
     def _remove_temporaries(self, relative: str) -> None:
         """Remove what writes that a crash interrupted left: the files they meant to replace hold."""
@@ -255,22 +333,41 @@ class DataDir:
             try:
                 gone = data.pop("deleted", None)
                 record = record_from_dict(data)
-                record.current()
-                if self._file_name(record.name.lower()) != entry:
-                    raise ValueError(entry)
                 if gone is None:
                     keys.append(record)
                 else:
-                    deleted.append(DeletedKey(record, int(gone["date"]), int(gone["purge"])))
-            except (KeyError, TypeError, ValueError, AttributeError):
-                raise self._corrupt(relative) from None
+                    deleted.append(deleted_from_dict(record, gone))
+            except CorruptRecord as exc:
+                raise self._corrupt(relative, exc.field, exc.why) from None
+            if self._file_name(record.name.lower()) != entry:
+                raise self._corrupt(
+                    relative, "name", f"is {record.name!r}, another key's name than its file's"
+                )
         return keys, deleted
 
-    def _corrupt(self, relative: str) -> DataDirError:
+    def _corrupt(self, relative: str, field: str = "", why: str = "") -> DataDirError:
+        what = f" ({field} {why})" if field else f" ({why})" if why else ""
         return DataDirError(
-            f"{self._file(relative)} is corrupt; localvault leaves it as it is. Restore it from a copy, "
+            f"{self._file(relative)} is corrupt{what}; localvault leaves it as it is. Restore it from a copy, "
             "or remove it (losing what it held)."
         )
+
+    def _field(
+        self,
+        relative: str,
+        data: Dict[str, Any],
+        key: str,
+        ok: Callable[[Any], bool],
+        what: str,
+        prefix: str = "",
+    ) -> Any:
+        """``data[key]``, if ``ok`` says it is usable; otherwise the file is corrupt, and the message names
+        the member (``prefix`` + ``key``) and what it should be."""
+        if key not in data:
+            raise self._corrupt(relative, prefix + key, "is missing")
+        if not ok(data[key]):
+            raise self._corrupt(relative, prefix + key, f"is not {what}")
+        return data[key]
 
     def _read(self, relative: str) -> bytes:
         try:

@@ -3,6 +3,7 @@ exceptions into the service's error JSON. The HTTP/1.1 machinery under both is i
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import logging
 import ssl
@@ -14,7 +15,7 @@ from . import control, urls
 from .exceptions import BadParameter, MethodNotAllowed, Unauthorized, VaultError
 from .faults import DROP, DropConnection, fault_of
 from .http11 import CLIENT_GONE, MAX_CONNECTIONS, Handler, Server, TLSServer, printable, split_target
-from .models import KeyStore
+from .models import MAX_RESTORE_BODY, KeyStore
 from .responses import Request
 from .tokens import MANAGED_HSM_RESOURCE, TENANT_ID, VAULT_RESOURCE, TokenIssuer
 
@@ -118,6 +119,13 @@ class VaultHandler(Handler):
         self.send_json(status, payload, headers)
         # logged before the answer is flushed, so a client that has its answer finds it in the log
         self.server.controls.log.record(self.command, self.path, status, fault)
+
+    def body_limit(self) -> int:
+        """A restore takes the largest backup this vault makes; every other request MAX_BODY."""
+        with contextlib.suppress(BadParameter):  # a bad target is answered later, for what it is
+            if self.command == "POST" and split_target(self.path).path.rstrip("/") == "/keys/restore":
+                return MAX_RESTORE_BODY
+        return super().body_limit()
 
     def _handle(self, body: bytes) -> Tuple[int, Optional[Dict[str, Any]]]:
         if not hasattr(self, "do_" + self.command):  # a method no route serves, whatever the path

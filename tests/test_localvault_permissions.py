@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-from typing import Iterator
 
 import pytest
 from azure.core.exceptions import HttpResponseError, ResourceNotFoundError
@@ -130,15 +129,16 @@ def test_unknown_permissions_are_refused(localvault, names):
 # -- purge protection -------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def protected_vault() -> Iterator[LocalVault]:
-    with LocalVault(purge_protection=True) as vault:
-        yield vault
+# A vault of the test's own at https://NAME.vault.azure.net, with these options (the plugin's vault_at_url).
+A_PROTECTED_VAULT = pytest.mark.parametrize(
+    "localvault_options", [{"purge_protection": True}], ids=["protected"]
+)
+A_STANDARD_VAULT = pytest.mark.parametrize("localvault_options", [{"sku": "standard"}], ids=["standard"])
 
 
-def test_purge_protection_refuses_purge_and_the_key_stays_recoverable(protected_vault, unique_key_name):
-    protected_vault.reset()
-    client = protected_vault.key_client()
+@A_PROTECTED_VAULT
+def test_purge_protection_refuses_purge_and_the_key_stays_recoverable(vault_at_url, unique_key_name):
+    client = vault_at_url.key_client()
     key = client.create_ec_key(unique_key_name)
     assert key.properties.recovery_level == "Recoverable"
     deleted = client.begin_delete_key(unique_key_name).result()
@@ -151,12 +151,12 @@ def test_purge_protection_refuses_purge_and_the_key_stays_recoverable(protected_
     client.close()
 
 
-def test_purge_protection_still_purges_at_the_scheduled_date(protected_vault, unique_key_name):
-    protected_vault.reset()
-    raw = RawVault(protected_vault)
+@A_PROTECTED_VAULT
+def test_purge_protection_still_purges_at_the_scheduled_date(vault_at_url, unique_key_name):
+    raw = RawVault(vault_at_url)
     assert raw.request("POST", f"/keys/{unique_key_name}/create", json={"kty": "EC"}).status_code == 200
     assert raw.request("DELETE", f"/keys/{unique_key_name}").status_code == 200
-    protected_vault.clock.advance(days=90)
+    vault_at_url.clock.advance(days=90)
     response = raw.request("DELETE", f"/deletedkeys/{unique_key_name}")
     assert response.status_code == 404 and error_of(response)["code"] == "KeyNotFound"
     raw.close()
@@ -176,12 +176,6 @@ def test_purge_protection_with_short_retention_is_customized_recoverable(unique_
 # -- the SKU ----------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def standard_vault() -> Iterator[LocalVault]:
-    with LocalVault(sku="standard") as vault:
-        yield vault
-
-
 def _hardware_refused(call) -> None:
     with pytest.raises(HttpResponseError) as refused:
         call()
@@ -189,9 +183,9 @@ def _hardware_refused(call) -> None:
     assert (refused.value.error.code, refused.value.error.message) == ("Forbidden", HARDWARE_ON_STANDARD)
 
 
-def test_standard_vault_refuses_hardware_keys(standard_vault, key_client, unique_key_name):
-    standard_vault.reset()
-    client = standard_vault.key_client()
+@A_STANDARD_VAULT
+def test_standard_vault_refuses_hardware_keys(vault_at_url, key_client, unique_key_name):
+    client = vault_at_url.key_client()
     _hardware_refused(lambda: client.create_rsa_key(unique_key_name, hardware_protected=True))
     _hardware_refused(lambda: client.create_ec_key(unique_key_name, hardware_protected=True))
     jwk = ec_jwk(ec.generate_private_key(ec.SECP256R1()), "EC", "P-256")

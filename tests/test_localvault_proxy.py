@@ -534,3 +534,28 @@ def test_the_witnesses_are_the_code_a_user_writes() -> None:
         "@azure/identity",
         "@azure/keyvault-keys",
     }
+
+
+def test_the_quickstart_at_a_real_address_with_only_the_export_lines(localvault_session: LocalVault) -> None:
+    # KEY_VAULT_NAME=NAME python kv_keys.py: DefaultAzureCredential and challenge verification as for
+    # Azure; its recover and purge hints are the az commands that work in that shell.
+    name = fresh_name("q")
+    env = dict(base_env(), **localvault_session.environ(), KEY_VAULT_NAME=name)
+    del env["KEY_VAULT_URL"]
+    result = subprocess.run(
+        [sys.executable, "kv_keys.py", "--name", "real-address"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=120,
+    )
+    assert result.returncode == 0, (result.stdout, result.stderr)
+    assert f"  id:         https://{name}.vault.azure.net/keys/real-address/" in result.stdout
+    assert f"az keyvault key recover --vault-name {name} --name real-address" in result.stdout
+    assert f"az keyvault key purge --vault-name {name} --name real-address" in result.stdout
+    client = localvault_session.vault(f"{name}.vault.azure.net").key_client()
+    try:
+        assert [key.name for key in client.list_deleted_keys()] == ["real-address"]
+    finally:
+        client.close()
