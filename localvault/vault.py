@@ -61,8 +61,8 @@ class LocalVault:
     keys, the clock, the CA, the identity secret and the token-signing and backup-sealing keys.
     Its secrets are encrypted with a key derived from ``data_key`` (by default the environment
     variable LOCALVAULT_DATA_KEY) when the directory is created with one. A directory that cannot be
-    used raises ``DataDirError`` with the reason. ``stop()`` releases the directory; ``start()``
-    again reads it anew.
+    used raises ``DataDirError`` with the reason. The directory is locked from ``start()`` to ``stop()``
+    only; ``start()`` reads it anew.
     """
 
     def __init__(
@@ -122,6 +122,7 @@ class LocalVault:
         if self._data is not None:
             self._data_secrets = self._data.secrets()
             self._data.attach(self.store)
+            self._close_data()  # checked; a vault never started holds no lock: start() reads DIR again
         self.faults = FaultPlan(dict(faults or {}), fault_seed, fault_operations)  # type: ignore[arg-type]
         self.controls = Controls(
             self.store,
