@@ -15,7 +15,7 @@ from typing import Any, Dict, Iterable, List, Optional
 from . import proxy, tls
 from .clock import Clock
 from .control import KEY_PERMISSIONS, Controls
-from .faults import FaultPlan
+from .faults import HOLD_TIMEOUT, FaultPlan, Hold
 from .models import KeyStore
 from .persist import DATA_KEY_VARIABLE, DataDir, DataDirError, PersistedClock
 from .proxy import ProxyServer
@@ -61,8 +61,8 @@ class LocalVault:
     keys, the clock, the CA, the identity secret and the token-signing and backup-sealing keys.
     Its secrets are encrypted with a key derived from ``data_key`` (by default the environment
     variable LOCALVAULT_DATA_KEY) when the directory is created with one. A directory that cannot be
-    used raises ``DataDirError`` with the reason. ``stop()`` releases the directory; ``start()``
-    again reads it anew.
+    used raises ``DataDirError`` with the reason. The directory is locked from ``start()`` to ``stop()``
+    only; ``start()`` reads it anew.
     """
 
     def __init__(
@@ -122,6 +122,7 @@ class LocalVault:
         if self._data is not None:
             self._data_secrets = self._data.secrets()
             self._data.attach(self.store)
+            self._close_data()  # checked; a vault never started holds no lock: start() reads DIR again
         self.faults = FaultPlan(dict(faults or {}), fault_seed, fault_operations)  # type: ignore[arg-type]
         self.controls = Controls(
             self.store,
@@ -211,6 +212,7 @@ class LocalVault:
 
     def stop(self) -> None:
         """Stop serving, close every connection, join every thread and remove the certificate files."""
+        self.controls.holds.release_all()
         with self._children_lock:
             children = list(self._children.values())
             self._children.clear()
@@ -334,6 +336,13 @@ class LocalVault:
     def clear_faults(self) -> None:
         """No injected failures: no rates and no pending ``fail_next``."""
         self.faults.clear()
+
+    def hold_next(self, operation: str, when: str = "before", timeout: float = HOLD_TIMEOUT) -> Hold:
+        """Hold the next request of ``operation`` (a keys.json operationId, any case) ``before`` the vault
+        acts on it or ``after`` (changed, its answer not sent), until the returned hold's ``release()``,
+        the end of a ``with`` block on it, ``reset()``, or ``timeout`` seconds. ``hold.wait()`` waits
+        until a request is held. Other requests go on meanwhile."""
+        return self.controls.holds.hold_next(operation, when, timeout)
 
     @property
     def key_permissions(self) -> List[str]:

@@ -79,6 +79,18 @@ def error_of(response: requests.Response) -> dict:
     return body["error"]
 
 
+def control(vault: Any, method: str, name: str, secret: Any = True, **kwargs: Any) -> requests.Response:
+    """A control API request, with the vault's identity secret unless ``secret`` says otherwise."""
+    headers = kwargs.pop("headers", {})
+    if secret is True:
+        headers["X-IDENTITY-HEADER"] = vault.environ()["IDENTITY_HEADER"]
+    elif secret is not None:
+        headers["X-IDENTITY-HEADER"] = secret
+    return requests.request(
+        method, f"{vault.url}/_localvault/{name}", headers=headers, verify=vault.ca_file, timeout=30, **kwargs
+    )
+
+
 # --------------------------------------------------------------------------------------------------------
 # kv_keys.py: its environment and its report
 # --------------------------------------------------------------------------------------------------------

@@ -240,6 +240,17 @@ def test_stop_releases_the_directory_and_start_reads_it_again(tmp_path):
         vault.stop()
 
 
+def test_a_vault_never_started_holds_no_lock(tmp_path):
+    data_dir = str(tmp_path / "vault")
+    idle = LocalVault(data_dir=data_dir, data_key=PASSPHRASE)  # made, and read, but never started
+    with LocalVault(data_dir=data_dir, data_key=PASSPHRASE) as vault:
+        vault.key_client().create_ec_key("made")
+        with pytest.raises(DataDirError, match="in use by another localvault"):
+            idle.start()  # the lock is taken by start()
+    with idle:  # and start() reads DIR as it is now
+        assert [p.name for p in idle.key_client().list_properties_of_keys()] == ["made"]
+
+
 # -- SIGKILL during writes -------------------------------------------------------------------------
 
 ROUNDS = 12
