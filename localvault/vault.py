@@ -15,7 +15,7 @@ from typing import Any, Dict, Iterable, List, Optional
 from . import proxy, tls
 from .clock import Clock
 from .control import KEY_PERMISSIONS, Controls
-from .faults import FaultPlan
+from .faults import HOLD_TIMEOUT, FaultPlan, Hold
 from .models import KeyStore
 from .persist import DATA_KEY_VARIABLE, DataDir, DataDirError, PersistedClock
 from .proxy import ProxyServer
@@ -173,6 +173,8 @@ class LocalVault:
                 files = tls.generate(self._dir, _extra_ips(self.host), authority, ca_file, dns_names=names)
             self.ca_file = files.ca_file
             self.trust_bundle = tls.write_bundle(os.path.join(self._dir, "trust.pem"), self.ca_file)
+            self.azure_config_dir = os.path.join(self._dir, "azure")
+            os.mkdir(self.azure_config_dir, 0o700)
             self._context = tls.server_context(files)
             self._identity_server = IdentityServer(
                 (LOOPBACK, self._identity_port), self.issuer, self._identity_secret, self.max_connections
@@ -210,6 +212,7 @@ class LocalVault:
 
     def stop(self) -> None:
         """Stop serving, close every connection, join every thread and remove the certificate files."""
+        self.controls.holds.release_all()
         with self._children_lock:
             children = list(self._children.values())
             self._children.clear()
@@ -334,6 +337,13 @@ class LocalVault:
         """No injected failures: no rates and no pending ``fail_next``."""
         self.faults.clear()
 
+    def hold_next(self, operation: str, when: str = "before", timeout: float = HOLD_TIMEOUT) -> Hold:
+        """Hold the next request of ``operation`` (a keys.json operationId, any case) ``before`` the vault
+        acts on it or ``after`` (changed, its answer not sent), until the returned hold's ``release()``,
+        the end of a ``with`` block on it, ``reset()``, or ``timeout`` seconds. ``hold.wait()`` waits
+        until a request is held. Other requests go on meanwhile."""
+        return self.controls.holds.hold_next(operation, when, timeout)
+
     @property
     def key_permissions(self) -> List[str]:
         """The key permissions tokens have, sorted."""
@@ -449,6 +459,9 @@ class LocalVault:
             "NODE_EXTRA_CA_CERTS": owner.ca_file,
             "IDENTITY_ENDPOINT": owner.identity_endpoint,
             "IDENTITY_HEADER": owner._identity_secret,
+            # The Azure CLI's login for this vault, apart from yours: `az login --identity` here
+            # replaces nothing in ~/.azure, and no real login is found by DefaultAzureCredential.
+            "AZURE_CONFIG_DIR": owner.azure_config_dir,
             "LOCALVAULT_URL": owner.url,
             "LOCALVAULT_CA_FILE": owner.ca_file,
             "KEY_VAULT_URL": self.url,

@@ -29,6 +29,7 @@ EXPORTED_NAMES = (
     "NODE_EXTRA_CA_CERTS",
     "IDENTITY_ENDPOINT",
     "IDENTITY_HEADER",
+    "AZURE_CONFIG_DIR",
     "LOCALVAULT_URL",
     "LOCALVAULT_CA_FILE",
 )
@@ -76,6 +77,18 @@ def error_of(response: requests.Response) -> dict:
     assert set(body) == {"error"}
     assert isinstance(body["error"]["code"], str) and isinstance(body["error"]["message"], str)
     return body["error"]
+
+
+def control(vault: Any, method: str, name: str, secret: Any = True, **kwargs: Any) -> requests.Response:
+    """A control API request, with the vault's identity secret unless ``secret`` says otherwise."""
+    headers = kwargs.pop("headers", {})
+    if secret is True:
+        headers["X-IDENTITY-HEADER"] = vault.environ()["IDENTITY_HEADER"]
+    elif secret is not None:
+        headers["X-IDENTITY-HEADER"] = secret
+    return requests.request(
+        method, f"{vault.url}/_localvault/{name}", headers=headers, verify=vault.ca_file, timeout=30, **kwargs
+    )
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -203,6 +203,10 @@ def test_the_plugin_applied_the_proxy_environment(localvault_session: LocalVault
         assert os.environ[name] == environ[name], name
     assert os.environ["HTTPS_PROXY"] == f"http://127.0.0.1:{localvault_session.proxy_port}"
     assert os.environ["NO_PROXY"] == os.environ["no_proxy"] == "127.0.0.1"
+    # The Azure CLI's login is the vault's own, apart from ~/.azure: empty, private, gone with the vault.
+    config = Path(os.environ["AZURE_CONFIG_DIR"])
+    assert config.is_dir() and config.stat().st_mode & 0o777 == 0o700
+    assert Path(localvault_session.ca_file).parent == config.parent
     bundle = Path(os.environ["REQUESTS_CA_BUNDLE"]).read_text()
     assert Path(localvault_session.ca_file).read_text().strip() in bundle
     assert bundle.count("BEGIN CERTIFICATE") > 10  # certifi's CAs too, so other HTTPS keeps working
