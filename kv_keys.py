@@ -98,7 +98,7 @@ def run_quickstart(
 ) -> int:
     """Steps 2 to 6. The three requests that change the vault go through run.sending, which records how far the
     run has gone (for the cleanup after a failure or Ctrl-C) and lets a first Ctrl-C wait for the vault's answer."""
-    run = Run(ctrl_c)
+    run = Run(ctrl_c, last=Stage.KEPT if args.keep else Stage.PURGED if args.purge else Stage.DELETED)
     try:
         check_name_is_free(client, vault, name)
 
@@ -180,11 +180,12 @@ def choose_vault(args: argparse.Namespace, environ: Any) -> Vault:
     url = "" if args.local else args.vault_url or environ.get("KEY_VAULT_URL", "").strip()
     name = "" if args.local else environ.get("KEY_VAULT_NAME", "").strip()
     if url:
-        url = check_vault_url(url, "--vault-url" if args.vault_url else "KEY_VAULT_URL")
+        source = "--vault-url" if args.vault_url else "KEY_VAULT_URL"
+        url = check_vault_url(url, source)
         vault = Vault(kind="url", url=url, label=url)
         if vault.is_loopback:  # localvault's CA and identity endpoint serve a loopback vault only
             vault.ca_file = check_local_ca_file(environ)
-            check_identity_variables(vault, environ)
+            check_identity_variables(vault, environ, source)
         return vault
     if name:
         check_vault_name(name)
@@ -193,8 +194,9 @@ def choose_vault(args: argparse.Namespace, environ: Any) -> Vault:
         raise Failure(
             ExitStatus.USAGE,
             "no vault configured, and the localvault package is not here to start one",
-            "run kv_keys.py from a clone of its repository, or set KEY_VAULT_NAME (or KEY_VAULT_URL) "
-            "to use a vault in Azure",
+            "run kv_keys.py from a clone of its repository, or with localvault beside it: "
+            "`uv run --with PATH_TO_CLONE kv_keys.py`, or `pip install PATH_TO_CLONE` first; "
+            "or set KEY_VAULT_NAME (or KEY_VAULT_URL) to use a vault in Azure",
         )
     return Vault(kind="embedded", source="--local" if args.local else "no KEY_VAULT_URL or KEY_VAULT_NAME")
 
@@ -203,42 +205,71 @@ def suggest_key_name() -> str:
     return f"quickstart-{time.strftime('%Y%m%d')}-{secrets.token_hex(3)}"
 
 
+ASK_AGAIN = 3  # at a terminal, an invalid name is asked for again at most this many times
+
+
 def ask_key_name() -> str:
-    """Ask for the key name. Enter accepts a fresh suggested name; end of input is an error."""
+    """Ask for the key name; Enter accepts a fresh suggested name. At a terminal an invalid name is asked for
+    again; a piped one, or the end of input, is an error."""
     default = suggest_key_name()
-    try:
-        answer = input(f"Input a name for your key [{default}] > ")
-    except EOFError:
-        print()
-        raise Failure(
-            ExitStatus.USAGE,
-            "no key name: the input ended before a name was given",
-            "give one with --name NAME, or pipe it in: echo my-key | python kv_keys.py",
-        ) from None
-    if not sys.stdin.isatty():
-        print()  # the typed name is not echoed when piped, so end the prompt's line here
-    name = answer.strip() or default
-    check_key_name(name)
-    return name
+    prompt = f"Input a name for your key [{default}] > "
+    at_terminal = sys.stdin.isatty()
+    # At a terminal the prompt goes where it shows: with stdout piped (`| head -1`), to stderr.
+    to = sys.stdout if sys.stdout.isatty() or not at_terminal else sys.stderr
+    tries_left = ASK_AGAIN
+    while True:
+        try:
+            if at_terminal:
+                print(prompt, end="", file=to, flush=True)
+                answer = input()
+            else:
+                answer = input(prompt)
+        except EOFError:
+            print(file=to)
+            raise Failure(
+                ExitStatus.USAGE,
+                "no key name: the input ended before a name was given",
+                "give one with --name NAME, or pipe it in: echo my-key | python kv_keys.py",
+            ) from None
+        if not at_terminal:
+            print()  # the typed name is not echoed when piped, so end the prompt's line here
+        name = answer.strip() or default
+        try:
+            check_key_name(name, example=default)
+            return name
+        except Failure as failure:
+            if not at_terminal or not tries_left:
+                raise
+            tries_left -= 1
+            print(f"{failure.message}; try again, or press Enter for {default}", file=to)
 
 
 def import_azure_sdk() -> None:
-    """Import the Azure SDK, once every input has been checked: --help and input errors need none of it."""
+    """Import the Azure SDK, once every input has been checked: --help and input errors need none of it.
+    Without it, say which Python lacks it: the likeliest first mistake is a terminal without the venv."""
     global ClientAuthenticationError, HttpResponseError, IncompleteReadError, ResourceExistsError
     global ResourceNotFoundError, ServiceRequestError, ServiceResponseError, RequestsTransport
     global DefaultAzureCredential, ManagedIdentityCredential, KeyClient
-    from azure.core.exceptions import (
-        ClientAuthenticationError,
-        HttpResponseError,
-        IncompleteReadError,
-        ResourceExistsError,
-        ResourceNotFoundError,
-        ServiceRequestError,
-        ServiceResponseError,
-    )
-    from azure.core.pipeline.transport import RequestsTransport
-    from azure.identity import DefaultAzureCredential, ManagedIdentityCredential
-    from azure.keyvault.keys import KeyClient
+    try:
+        from azure.core.exceptions import (
+            ClientAuthenticationError,
+            HttpResponseError,
+            IncompleteReadError,
+            ResourceExistsError,
+            ResourceNotFoundError,
+            ServiceRequestError,
+            ServiceResponseError,
+        )
+        from azure.core.pipeline.transport import RequestsTransport
+        from azure.identity import DefaultAzureCredential, ManagedIdentityCredential
+        from azure.keyvault.keys import KeyClient
+    except ModuleNotFoundError as exc:
+        raise Failure(
+            ExitStatus.USAGE,
+            f"the Azure SDK is not installed in this Python, {sys.executable} (no module named {exc.name!r})",
+            "activate the virtual environment that has it (. .venv/bin/activate), or install it here: "
+            "pip install -r requirements.txt",
+        ) from None
 
 
 @contextlib.contextmanager
@@ -730,6 +761,7 @@ def report_error(
     if not closed:
         print(f"error: {failure.message}", file=sys.stderr, flush=True)
     outcome = after() if after is not None else Outcome("nothing was created", clean=True)
+    ctrl_c.settled = True  # what is left is printing what happened: a late Ctrl-C must not cut it short
     if closed:
         if outcome.clean:
             return failure.code
@@ -846,8 +878,8 @@ def no_local_token(exc: BaseException) -> Failure:
         ExitStatus.AUTH,
         f"no token from localvault's identity endpoint {endpoint} (IDENTITY_ENDPOINT): "
         + ("connection refused" if refused else first_line(exc)),
-        "is localvault still running? Each start gets new ports and a new secret: restart "
-        "`python -m localvault` if needed and run here the latest export lines it printed",
+        "is localvault still running? If not, restart `python -m localvault` and run here the latest export "
+        "lines it printed",
     )
 
 
@@ -1046,7 +1078,8 @@ class ExitStatus(enum.IntEnum):
     SERVICE = 1, "unexpected service error, or a purge refused while the vault still finishes the deletion"
     USAGE = (
         2,
-        "usage or input: bad option, name or URL, end of input, no localvault, a remote IDENTITY_ENDPOINT",
+        "usage or input: bad option, name or URL, end of input, no Azure SDK or localvault, a remote "
+        "IDENTITY_ENDPOINT",
     )
     AUTH = 3, "authentication failed: no token (try `az login`, or localvault's latest export lines)"
     PERMISSION = (
@@ -1085,6 +1118,7 @@ class Run:
     """How far this run has gone, and the key it created: what the cleanup works from."""
 
     ctrl_c: CtrlC
+    last: Stage  # once there only printing is left: a Ctrl-C changes nothing then, and is ignored
     stage: Stage = Stage.CHECK
     key: Optional[KeyVaultKey] = None  # the key version that this run created
     doubt: str = ""  # at Stage.CREATED: why the run cannot tell whether the key is its alone
@@ -1092,6 +1126,8 @@ class Run:
 
     def reach(self, stage: Stage) -> None:
         self.stage = stage
+        if stage is self.last:
+            self.ctrl_c.settled = True
 
     @contextlib.contextmanager
     def sending(self, request: str, sent: Stage, done: Stage) -> Iterator[None]:
@@ -1118,14 +1154,18 @@ class Run:
 
 class CtrlC:
     """SIGINT. The first Ctrl-C while a request that changes the vault is in flight lets the vault answer it
-    (so that the run knows what exists), then stops the run; any other Ctrl-C stops the run at once."""
+    (so that the run knows what exists), then stops the run; any other Ctrl-C stops the run at once. Once the
+    run is over (settled), Ctrl-C is ignored: only printing what happened is left."""
 
     def __init__(self) -> None:
         self.count = 0
         self.request = ""  # the request in flight that a first Ctrl-C lets finish
         self.pending = False
+        self.settled = False
 
     def __call__(self, signum: int, frame: Any) -> None:
+        if self.settled:
+            return
         self.count += 1
         if self.count > 1 or not self.request:
             raise KeyboardInterrupt
@@ -1222,13 +1262,13 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     return args
 
 
-def check_key_name(name: str) -> None:
+def check_key_name(name: str, example: str = "") -> None:
     if not KEY_NAME_RE.fullmatch(name):
         shown = name if len(name) <= 40 else name[:40] + "..."
         raise Failure(
             ExitStatus.USAGE,
             f"invalid key name {shown!r}: use 1 to 127 letters (a-z, A-Z), digits and hyphens",
-            f"for example {suggest_key_name()}",
+            f"for example {example or suggest_key_name()}",
         )
 
 
@@ -1275,7 +1315,7 @@ def check_local_ca_file(environ: Any) -> Optional[str]:
     return ca_file or None
 
 
-def check_identity_variables(vault: Vault, environ: Any) -> None:
+def check_identity_variables(vault: Vault, environ: Any, source: str) -> None:
     """A loopback vault gets its tokens from localvault's IDENTITY_ENDPOINT, which must be on this machine too:
     a real managed identity (an Azure VM, App Service) must never hand its token to a local port. Without the
     variables ManagedIdentityCredential would probe the Azure VM metadata address."""
@@ -1285,7 +1325,7 @@ def check_identity_variables(vault: Vault, environ: Any) -> None:
             ExitStatus.AUTH,
             f"no credential for {vault.url}: {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not set",
             "start `python -m localvault` in another terminal and run here the export lines it prints, "
-            "or unset KEY_VAULT_URL to use the embedded localvault",
+            f"or {unset(source)} to use the embedded localvault",
         )
     endpoint = environ["IDENTITY_ENDPOINT"].strip()
     if not is_loopback_host(host_of(endpoint)):
@@ -1294,8 +1334,13 @@ def check_identity_variables(vault: Vault, environ: Any) -> None:
             f"IDENTITY_ENDPOINT is {endpoint}, not on this machine, but the vault {vault.url} is: "
             "refusing to send a managed-identity token from there to a local port",
             "run here the export lines that `python -m localvault` prints (IDENTITY_ENDPOINT=http://127.0.0.1:...), "
-            "or unset KEY_VAULT_URL to use the embedded localvault",
+            f"or {unset(source)} to use the embedded localvault",
         )
+
+
+def unset(source: str) -> str:
+    """How to stop giving the vault URL: the option, or the variable."""
+    return "drop --vault-url" if source.startswith("--") else f"unset {source}"
 
 
 def host_of(url: str) -> str:
@@ -1368,4 +1413,7 @@ def silence_stdout() -> None:
 
 if __name__ == "__main__":
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]  # progress shows at once, even piped
+    # main() handles Ctrl-C while it runs. After it the run is over, and a late Ctrl-C must not turn the exit
+    # (where urllib3 closes its connections) into a traceback: ignored from the start, under main's handler.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     sys.exit(main())

@@ -25,14 +25,17 @@ from localvault import LocalVault
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="SIGINT to a subprocess is POSIX only")
 
 FIRST = "finishing the {} request, then cleaning up; Ctrl-C again to stop now"
+RUN_AS_MAIN = "\nimport runpy, sys\nsys.argv = sys.argv[1:]\nrunpy.run_path(sys.argv[0], run_name='__main__')\n"
 
 
 class Script:
     """kv_keys.py running; reads wait on its pipes, with a watchdog instead of sleeps."""
 
-    def __init__(self, env: Dict[str, str], *argv: str) -> None:
+    def __init__(self, env: Dict[str, str], *argv: str, prelude: str = "") -> None:
+        # prelude: Python run first in the same process, which then runs kv_keys.py as `python kv_keys.py` would
+        command = [sys.executable, "-c", prelude + RUN_AS_MAIN] if prelude else [sys.executable]
         self.process = subprocess.Popen(
-            [sys.executable, KV_KEYS, *argv],
+            [*command, KV_KEYS, *argv],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -252,6 +255,62 @@ def test_second_ctrl_c_during_the_cleanups_delete(
         == f"hint: the key that this run created may still be in {localvault.url}: delete it yourself (see below)"
     )
     assert lines[2].startswith("cleanup: stopped (Ctrl-C): the key ")
+
+
+# --------------------------------------------------------------------------------------------------------
+# A late Ctrl-C, once the run is over: a quiet end with exit status 0, whatever the process is doing then
+# --------------------------------------------------------------------------------------------------------
+
+# The moment is exact: the script sends SIGINT to itself at it (os.kill delivers it before returning).
+AFTER_THE_LINE = """
+import builtins, os, signal
+real_print = builtins.print
+def print(*args, **kwargs):
+    real_print(*args, **kwargs)
+    if {line!r} in " ".join(map(str, args)):
+        os.kill(os.getpid(), signal.SIGINT)
+builtins.print = print
+"""
+# Registered before anything else, so that it runs as the interpreter exits, after main() has returned.
+AT_EXIT = "import atexit, os, signal\natexit.register(os.kill, os.getpid(), signal.SIGINT)\n"
+# The first variable that the embedded localvault's teardown restores: the vault is still stopping.
+WHILE_THE_EMBEDDED_VAULT_STOPS = """
+import os, signal, sys
+sent = []
+def hook(event, args):
+    if event == "os.unsetenv" and not sent:
+        sent.append(event)
+        os.kill(os.getpid(), signal.SIGINT)
+sys.addaudithook(hook)
+"""
+LATE = {
+    "just after the last line": ((), AFTER_THE_LINE.format(line="(or run this script with --purge)")),
+    "just after the last line, with --purge": (("--purge",), AFTER_THE_LINE.format(line="can be used again")),
+    "just after the last line, with --keep": (("--keep",), AFTER_THE_LINE.format(line="to delete it later:")),
+    "as the interpreter exits": ((), AT_EXIT),
+    "while the embedded localvault stops": (("--local",), WHILE_THE_EMBEDDED_VAULT_STOPS),
+}
+
+
+@pytest.mark.parametrize(("argv", "prelude"), LATE.values(), ids=LATE.keys())
+def test_a_late_ctrl_c_ends_quietly(
+    argv: Tuple[str, ...],
+    prelude: str,
+    localvault: LocalVault,
+    key_client: KeyClient,
+    clean_env: Dict[str, str],
+    unique_key_name: str,
+) -> None:
+    run = Script(dict(clean_env, **localvault.environ()), "--name", unique_key_name, *argv, prelude=prelude)
+    try:
+        code, out, err = run.finish()
+    finally:
+        run.close()
+    assert (code, err) == (0, ""), out  # no traceback, no "Exception ignored in atexit callback"
+    assert f"Key with name '{unique_key_name}' was found." in out
+    if "--local" not in argv:
+        live = "--keep" in argv
+        assert live_and_deleted(localvault, key_client, unique_key_name) == (live, not live and "--purge" not in argv)
 
 
 # --------------------------------------------------------------------------------------------------------
