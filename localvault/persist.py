@@ -49,7 +49,7 @@ from .models import (
     KeyStore,
     deleted_from_dict,
     record_from_dict,
-    record_to_dict,
+    record_json,
 )
 from .tokens import TokenIssuer
 
@@ -465,10 +465,12 @@ class DataDir:
         if record is None:
             self._remove(relative)
             return
-        data = record_to_dict(record)
-        if deleted is not None:
-            data["deleted"] = {"date": deleted.deleted_date, "purge": deleted.scheduled_purge_date}
-        self._write(relative, self._seal(json.dumps(data, separators=(",", ":")).encode(), relative))
+        gone = (
+            {}
+            if deleted is None
+            else {"deleted": {"date": deleted.deleted_date, "purge": deleted.scheduled_purge_date}}
+        )
+        self._write(relative, self._seal(record_json(record, **gone).encode(), relative))
 
     def save_clock(self, offset: float) -> None:
         self._write(CLOCK, json.dumps({"offset": offset}).encode())
