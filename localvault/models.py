@@ -960,12 +960,13 @@ def _member(data: Dict[str, Any], key: str, path: str, ok: Any, what: str, optio
     return value
 
 
-def _is_int(value: Any) -> bool:
+def is_integer(value: Any) -> bool:
+    """An int that is not a bool (JSON's true is not 1)."""
     return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _is_stamp(value: Any) -> bool:
-    return _is_int(value) and 0 <= value <= MAX_CLOCK
+    return is_integer(value) and 0 <= value <= MAX_CLOCK
 
 
 def _is_duration(value: Any) -> bool:
@@ -1046,8 +1047,8 @@ def _version_from_dict(data: Any, name: str, path: str) -> KeyVersion:
         enabled=_member(data, "enabled", path, lambda v: isinstance(v, bool), "true or false"),
         created=_member(data, "created", path, _is_stamp, "a date"),
         updated=_member(data, "updated", path, _is_stamp, "a date"),
-        nbf=_member(data, "nbf", path, _is_int, "a date", optional=True),
-        exp=_member(data, "exp", path, _is_int, "a date", optional=True),
+        nbf=_member(data, "nbf", path, is_integer, "a date", optional=True),
+        exp=_member(data, "exp", path, is_integer, "a date", optional=True),
         tags=None if tags is None else dict(tags),
     )
 
