@@ -1013,13 +1013,15 @@ def record_from_dict(data: Dict[str, Any]) -> KeyRecord:
         if version.version in record.versions:
             raise CorruptRecord(f"versions[{index}].version", "repeats another version's")
         record.versions[version.version] = version
-    record.latest = _member(data, "latest", "", lambda v: v in record.versions, "one of the versions")
+    record.latest = _member(
+        data, "latest", "", lambda v: isinstance(v, str) and v in record.versions, "one of the versions"
+    )
     return record
 
 
 def _version_from_dict(data: Any, name: str, path: str) -> KeyVersion:
     _only(data, _VERSION_MEMBERS, path)
-    kty = _member(data, "kty", path, lambda v: v in KEY_TYPES, "a key type")
+    kty = _member(data, "kty", path, lambda v: isinstance(v, str) and v in KEY_TYPES, "a key type")
     family = KEY_TYPES[kty]
     material = "oct" if family == "oct" else "pkcs8"
     if ("oct" if material == "pkcs8" else "pkcs8") in data:
