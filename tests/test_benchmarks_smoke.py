@@ -107,3 +107,13 @@ def test_the_scale_benchmark_refuses_a_bad_size_in_one_line() -> None:
     assert (
         done.stderr.strip().splitlines()[-1].startswith("localvault_scale.py: error: argument --list-sizes")
     )
+
+
+def test_the_stall_benchmark_runs_every_phase() -> None:
+    command = [sys.executable, str(ROOT / "benchmarks" / "localvault_stalls.py")]
+    command += ["--seconds", "0.3", "--connections", "2", "--cpu-requests", "30"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stdout + done.stderr
+    for phase in ("at rest", "65 KB line", "slowloris", "buffered", "slow reader"):
+        assert phase in done.stdout, done.stdout
+    assert "server CPU per get_key" in done.stdout, done.stdout
