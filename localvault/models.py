@@ -101,6 +101,8 @@ class KeyVersion:
     exp: Optional[int] = None
     tags: Optional[Dict[str, str]] = None
     jwk: Dict[str, str] = field(default_factory=dict, repr=False)
+    # Its JSON as backups and the data directory hold it, made once (see record_json); replace() drops it.
+    stored: Optional[str] = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.jwk:
@@ -822,8 +824,8 @@ class KeyStore(WriteOrdering):
                     f"Key {record.name} has {len(record.versions)} versions; a backup holds at most "
                     f"{MAX_BACKUP_VERSIONS}, as in Key Vault."
                 )
-            payload = {"vault": self._kind, "key": record_to_dict(record)}
-        packed = zlib.compress(json.dumps(payload, separators=(",", ":")).encode(), 6)
+            payload = f'{{"vault":"{self._kind}","key":{record_json(record)}}}'
+        packed = zlib.compress(payload.encode(), 6)
         nonce = os.urandom(12)
         blob = _BACKUP_MAGIC + nonce + self._aead.encrypt(nonce, packed, _BACKUP_MAGIC)
         encoded = -(-len(blob) * 4 // 3)  # its base64url in a restore's body
@@ -901,23 +903,40 @@ class KeyStore(WriteOrdering):
 def record_to_dict(record: KeyRecord) -> Dict[str, Any]:
     """A key with all its versions, private parts included, and its rotation policy, as JSON data;
     for sealed backups and the data directory."""
-    versions = [
-        {
-            "version": v.version,
-            "kty": v.kty,
-            **_sealed_key_material(v.private_key),
-            "key_ops": v.key_ops,
-            "enabled": v.enabled,
-            "created": v.created,
-            "updated": v.updated,
-            "nbf": v.nbf,
-            "exp": v.exp,
-            "tags": v.tags,
-        }
-        for v in record.versions.values()
-    ]
+    return json.loads(record_json(record))
+
+
+def record_json(record: KeyRecord, **members: Any) -> str:
+    """record_to_dict's data as compact JSON, with ``members`` added. Each version's part is made once and
+    kept on it (versions never change), so writing a key with thousands of versions joins strings rather
+    than serialising every private key again."""
     policy = None if record.policy is None else asdict(record.policy)
-    return {"name": record.name, "latest": record.latest, "versions": versions, "policy": policy}
+    head = json.dumps({"name": record.name, "latest": record.latest, "policy": policy, **members}, **_COMPACT)
+    versions = ",".join(_version_json(v) for v in record.versions.values())
+    return f'{head[:-1]},"versions":[{versions}]}}'
+
+
+_COMPACT: Dict[str, Any] = {"separators": (",", ":")}
+
+
+def _version_json(v: KeyVersion) -> str:
+    if v.stored is None:
+        v.stored = json.dumps(
+            {
+                "version": v.version,
+                "kty": v.kty,
+                **_sealed_key_material(v.private_key),
+                "key_ops": v.key_ops,
+                "enabled": v.enabled,
+                "created": v.created,
+                "updated": v.updated,
+                "nbf": v.nbf,
+                "exp": v.exp,
+                "tags": v.tags,
+            },
+            **_COMPACT,
+        )
+    return v.stored
 
 
 class CorruptRecord(ValueError):

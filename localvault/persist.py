@@ -8,11 +8,14 @@ Layout of DIR (created 0700; every file 0600)::
     clock.json        the clock's offset
     keys/<name>.json  one key: all its versions with their private parts, its rotation policy, and
                       whether it is deleted (sealed)
-    lock              held (flock) while a vault uses DIR
+    lock              held (flock) while a vault uses DIR: from LocalVault.start() to stop()
 
 With ``LOCALVAULT_DATA_KEY`` set when DIR is created, "sealed" files are AES-256-GCM encrypted with a
 key derived from it by scrypt (salt in localvault.json), each bound to its own file name. Without it
-they are plain JSON.
+they are plain JSON. Key names are not secret (they are in every key id and URL): file names show them.
+
+At each start every member of every file is checked before anything is served, the KDF's parameters
+before it runs; a bad one is a DataDirError naming the file and the member. DIR holds no symbolic links.
 
 Each change rewrites only the file it concerns: a temporary file is written and fsynced, renamed over
 the old one, and the directory fsynced, before the store's method returns, so before any answer. The
@@ -46,7 +49,7 @@ from .models import (
     KeyStore,
     deleted_from_dict,
     record_from_dict,
-    record_to_dict,
+    record_json,
 )
 from .tokens import TokenIssuer
 
@@ -462,10 +465,12 @@ class DataDir:
         if record is None:
             self._remove(relative)
             return
-        data = record_to_dict(record)
-        if deleted is not None:
-            data["deleted"] = {"date": deleted.deleted_date, "purge": deleted.scheduled_purge_date}
-        self._write(relative, self._seal(json.dumps(data, separators=(",", ":")).encode(), relative))
+        gone = (
+            {}
+            if deleted is None
+            else {"deleted": {"date": deleted.deleted_date, "purge": deleted.scheduled_purge_date}}
+        )
+        self._write(relative, self._seal(record_json(record, **gone).encode(), relative))
 
     def save_clock(self, offset: float) -> None:
         self._write(CLOCK, json.dumps({"offset": offset}).encode())

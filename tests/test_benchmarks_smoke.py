@@ -80,3 +80,30 @@ def test_the_proxy_benchmark_runs_both_modes() -> None:
                 line.split(":")[0].split() == [*operation.split(), mode] for line in done.stdout.splitlines()
             )
         assert f"{operation} direct/proxy throughput: " in done.stdout
+
+
+def test_the_scale_benchmark_runs_and_prints_each_figure() -> None:
+    command = [sys.executable, str(ROOT / "benchmarks" / "localvault_scale.py")]
+    command += ["--small", "2", "--large", "30", "--list-sizes", "5,30", "--requests", "5", "--rounds", "1"]
+    command += ["--versions", "2,20", "--writes", "2"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=180, cwd=ROOT)
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = done.stdout.splitlines()
+    for count in (2, 30):
+        assert any(line.startswith(f"get_key at {count} keys: p50 ") for line in lines), done.stdout
+    for count in (5, 30):
+        assert any(line.startswith(f"listing {count} keys: ") for line in lines), done.stdout
+    for count in (2, 20):
+        assert any(line.startswith(f"update_key_properties on a key of {count} versions") for line in lines)
+    verdicts = [line for line in lines if "(target at most 1.2x: " in line]
+    assert len(verdicts) == 3, done.stdout
+    assert any(line.startswith("a write at 20 versions against 2: ") for line in lines), done.stdout
+
+
+def test_the_scale_benchmark_refuses_a_bad_size_in_one_line() -> None:
+    script = str(ROOT / "benchmarks" / "localvault_scale.py")
+    done = subprocess.run([sys.executable, script, "--list-sizes", "10,x"], capture_output=True, text=True)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert (
+        done.stderr.strip().splitlines()[-1].startswith("localvault_scale.py: error: argument --list-sizes")
+    )
