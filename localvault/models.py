@@ -960,12 +960,13 @@ def _member(data: Dict[str, Any], key: str, path: str, ok: Any, what: str, optio
     return value
 
 
-def _is_int(value: Any) -> bool:
+def is_integer(value: Any) -> bool:
+    """An int that is not a bool (JSON's true is not 1)."""
     return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _is_stamp(value: Any) -> bool:
-    return _is_int(value) and 0 <= value <= MAX_CLOCK
+    return is_integer(value) and 0 <= value <= MAX_CLOCK
 
 
 def _is_duration(value: Any) -> bool:
@@ -1012,13 +1013,15 @@ def record_from_dict(data: Dict[str, Any]) -> KeyRecord:
         if version.version in record.versions:
             raise CorruptRecord(f"versions[{index}].version", "repeats another version's")
         record.versions[version.version] = version
-    record.latest = _member(data, "latest", "", lambda v: v in record.versions, "one of the versions")
+    record.latest = _member(
+        data, "latest", "", lambda v: isinstance(v, str) and v in record.versions, "one of the versions"
+    )
     return record
 
 
 def _version_from_dict(data: Any, name: str, path: str) -> KeyVersion:
     _only(data, _VERSION_MEMBERS, path)
-    kty = _member(data, "kty", path, lambda v: v in KEY_TYPES, "a key type")
+    kty = _member(data, "kty", path, lambda v: isinstance(v, str) and v in KEY_TYPES, "a key type")
     family = KEY_TYPES[kty]
     material = "oct" if family == "oct" else "pkcs8"
     if ("oct" if material == "pkcs8" else "pkcs8") in data:
@@ -1046,8 +1049,8 @@ def _version_from_dict(data: Any, name: str, path: str) -> KeyVersion:
         enabled=_member(data, "enabled", path, lambda v: isinstance(v, bool), "true or false"),
         created=_member(data, "created", path, _is_stamp, "a date"),
         updated=_member(data, "updated", path, _is_stamp, "a date"),
-        nbf=_member(data, "nbf", path, _is_int, "a date", optional=True),
-        exp=_member(data, "exp", path, _is_int, "a date", optional=True),
+        nbf=_member(data, "nbf", path, is_integer, "a date", optional=True),
+        exp=_member(data, "exp", path, is_integer, "a date", optional=True),
         tags=None if tags is None else dict(tags),
     )
 

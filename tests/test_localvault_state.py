@@ -141,7 +141,10 @@ KEY_FILE_DAMAGE = {
     "versions[0].pkcs8": lambda d: _version(d).update(pkcs8="AAAA"),
     "versions[0].colour": lambda d: _version(d).update(colour="red"),
     "versions": lambda d: d.update(versions=[]),
+    "versions[0]": lambda d: d.update(versions=[5]),
     "latest": lambda d: d.update(latest="0" * 32),
+    "versions[1].kty": lambda d: d["versions"][1].update(kty=["RSA"]),  # unhashable, as JSON can write
+    "policy": lambda d: d.update(policy=[]),
     "name": lambda d: d.update(name="other"),
 }
 
