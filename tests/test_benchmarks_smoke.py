@@ -4,8 +4,11 @@ asserted here; the figures belong to the benchmarks themselves."""
 from __future__ import annotations
 
 import importlib.util
+import os
+import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -117,3 +120,38 @@ def test_the_stall_benchmark_runs_every_phase() -> None:
     for phase in ("at rest", "65 KB line", "slowloris", "buffered", "slow reader"):
         assert phase in done.stdout, done.stdout
     assert "server CPU per get_key" in done.stdout, done.stdout
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_the_soak_stopped_midway_leaves_nothing_behind(tmp_path: Path, signum: int, code: int) -> None:
+    # Its own temporary directory, so that the vault's certificates, the --data directory and anything else
+    # it makes are seen; stopped while its clients soak the vault.
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    command = [sys.executable, str(SOAK), "--clients", "2", "--seconds", "600", "--warmup-requests", "20"]
+    process = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+        env=dict(os.environ, TMPDIR=str(temp)),
+    )
+    watchdog = threading.Timer(240, process.kill)
+    watchdog.start()
+    try:
+        assert process.stdout is not None
+        for line in process.stdout:
+            if line.startswith("in memory run: "):
+                break
+        assert list(temp.iterdir()), "the vault made no temporary directory"
+        process.send_signal(signum)
+        _, err = process.communicate(timeout=120)
+    finally:
+        watchdog.cancel()
+        process.kill()
+    assert process.returncode == code, err
+    assert err.strip().splitlines()[-1].startswith("localvault_soak.py: stopped ("), err
+    assert "Traceback" not in err and "leaked" not in err, err
+    assert list(temp.iterdir()) == []
