@@ -3,6 +3,7 @@ Prints figures; it asserts nothing.
 
     python benchmarks/localvault_scale.py [--small 10] [--large 10000] [--list-sizes 1000,10000]
                                           [--requests 2000] [--rounds 5]
+                                          [--versions 10,3000] [--writes 100]
 
 Each vault size runs in its own process (this script with ``--serve N``): a LocalVault holding N EC keys,
 each with a rotation policy (Rotate 90 days after creation, and Key Vault's Notify), made through the
@@ -13,6 +14,10 @@ store so that filling it takes seconds. The client is one KeyClient in this proc
   the machine's load falls on both); client latency p50/p99, and the vault process's CPU (user + system,
   from /proc/PID/stat) per call, the median round's. Target: at ``--large`` keys, at most 1.2x the cost
   at ``--small``.
+- writes, with ``--data`` (a new directory under the system's temporary one: the disk decides what an
+  fsync costs), to a key of each of ``--versions`` versions: ``--writes`` sequential tag updates; p50
+  and the vault's CPU per write. No target: a write rewrites the key's file, whose bytes grow with its
+  versions, but no version is serialised again.
 - listing, at each of ``--list-sizes``: one full ``list_properties_of_keys`` (pages of 25); its time and
   the vault's CPU per listed key. Target: linear (per listed key, the largest size at most 1.2x the
   smallest).
@@ -23,11 +28,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
-from typing import Dict, List, Optional, Tuple
+import warnings
+from typing import Any, Dict, List, Optional, Tuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -39,6 +47,7 @@ SPREAD = (
     7919  # a prime: request i asks for key i * SPREAD mod N, so consecutive requests ask for far-apart keys
 )
 WARMUP = 20
+VERSIONED = "scale-versions"
 
 
 def key_name(index: int) -> str:
@@ -57,9 +66,35 @@ def serve(count: int) -> None:
         for index in range(count):
             vault.store.add_version(key_name(index), "EC", ec.generate_private_key(ec.SECP256R1()))
             vault.store.set_rotation_policy(key_name(index), rotate, None)
-        environ = vault.environ()  # through a pipe to the parent only
-        print(json.dumps({name: environ[name] for name in CONNECTION}), flush=True)
-        sys.stdin.read()
+        announce(vault)
+
+
+def serve_versions(count: int) -> None:
+    """A vault with ``--data`` (a new directory under the system's temporary one) holding one key of
+    ``count`` versions; serves until stdin closes, then removes the directory."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from localvault import LocalVault
+
+    parent = tempfile.mkdtemp(prefix="localvault-scale-")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a plain DIR, for this run only
+            vault = LocalVault(data_dir=os.path.join(parent, "data"), data_key="")
+        with vault:
+            key = ec.generate_private_key(ec.SECP256R1())
+            for _ in range(count):
+                vault.store.add_version(VERSIONED, "EC", key)
+            announce(vault)
+    finally:
+        shutil.rmtree(parent, ignore_errors=True)
+
+
+def announce(vault: Any) -> None:
+    """Tell the parent where the vault is (through a pipe to it only), then serve until stdin closes."""
+    environ = vault.environ()
+    print(json.dumps({name: environ[name] for name in CONNECTION}), flush=True)
+    sys.stdin.read()
 
 
 def cpu_seconds(pid: int) -> float:
@@ -76,10 +111,11 @@ def percentile(values: List[float], pct: float) -> float:
 class Vault:
     """A ``--serve N`` process and a KeyClient for it."""
 
-    def __init__(self, count: int) -> None:
+    def __init__(self, count: int, versions: bool = False) -> None:
         self.count = count
+        serve = "--serve-versions" if versions else "--serve"
         self.process = subprocess.Popen(
-            [sys.executable, os.path.abspath(__file__), "--serve", str(count)],
+            [sys.executable, os.path.abspath(__file__), serve, str(count)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -135,6 +171,19 @@ def per_request(vaults: List[Vault], requests: int, rounds: int) -> Dict[int, Tu
     }
 
 
+def writes(vault: Vault, count: int) -> Tuple[float, float]:
+    """``count`` tag updates of the versioned key's latest version: p50 (seconds), and the vault's CPU
+    seconds per update."""
+    vault.client.update_key_properties(VERSIONED, tags={"write": "warm-up"})
+    latencies = []
+    before = vault.cpu()
+    for index in range(count):
+        start = time.perf_counter()
+        vault.client.update_key_properties(VERSIONED, tags={"write": str(index)})
+        latencies.append(time.perf_counter() - start)
+    return statistics.median(latencies), (vault.cpu() - before) / count
+
+
 def listing(vault: Vault) -> Tuple[float, float]:
     """One full listing: seconds, and the vault's CPU seconds per listed key."""
     before, start = vault.cpu(), time.perf_counter()
@@ -181,10 +230,18 @@ def main(argv: Optional[List[str]] = None) -> int:
         "--requests", type=positive, default=2000, help="get_key calls per size (default: 2000)"
     )
     parser.add_argument("--rounds", type=positive, default=5, help="turns the two vaults take (default: 5)")
+    parser.add_argument(
+        "--versions", type=sizes, default=[10, 3000], metavar="N,N", help="versions of the written key"
+    )
+    parser.add_argument("--writes", type=positive, default=100, help="writes per size (default: 100)")
     parser.add_argument("--serve", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--serve-versions", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve is not None:
         serve(args.serve)
+        return 0
+    if args.serve_versions is not None:
+        serve_versions(args.serve_versions)
         return 0
     if not os.path.exists("/proc/self/stat"):
         parser.error("the vault's CPU is read from /proc, which this system does not have")
@@ -218,6 +275,21 @@ def main(argv: Optional[List[str]] = None) -> int:
             f"listing {count} keys: {elapsed:.2f} s, vault CPU {cpu * 1e3:.3f} ms per listed key", flush=True
         )
 
+    written: Dict[int, Tuple[float, float]] = {}
+    for count in args.versions:
+        started = time.perf_counter()
+        vault = Vault(count, versions=True)
+        print(f"# --data vault with a key of {count} versions ready in {time.perf_counter() - started:.1f} s")
+        try:
+            written[count] = p50, cpu = writes(vault, args.writes)
+        finally:
+            vault.close()
+        print(
+            f"update_key_properties on a key of {count} versions (--data): p50 {p50 * 1e3:.2f} ms, "
+            f"vault CPU {cpu * 1e3:.3f} ms per write",
+            flush=True,
+        )
+
     small, large = requests[args.small], requests[args.large]
     print(f"get_key p50, {args.large} keys against {args.small}: {judged(large[0] / small[0])}")
     print(
@@ -227,6 +299,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         first, last = min(lists), max(lists)
         ratio = lists[last][1] / max(lists[first][1], 1e-9)
         print(f"listing vault CPU per key, {last} keys against {first}: {judged(ratio)}")
+    if len(written) > 1:
+        first, last = min(written), max(written)
+        print(
+            f"a write at {last} versions against {first}: p50 {written[last][0] / written[first][0]:.2f}x, "
+            f"vault CPU {written[last][1] / max(written[first][1], 1e-9):.2f}x (no target: each write "
+            "rewrites the key's file, so its bytes grow with the versions)"
+        )
     return 0
 
 

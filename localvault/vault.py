@@ -23,6 +23,7 @@ from .server import MAX_CONNECTIONS, IdentityServer, VaultServer
 from .tokens import MANAGED_HSM_RESOURCE, VAULT_RESOURCE, TokenIssuer
 
 LOOPBACK = "127.0.0.1"
+
 POLL_INTERVAL = 0.02  # how quickly stop() is noticed
 
 
@@ -151,6 +152,7 @@ class LocalVault:
             sku=sku,
         )
         self._children: Dict[str, LocalVault] = {}
+        self._making: Dict[str, threading.Event] = {}  # hosts whose vault a request is making now
         self._children_lock = threading.Lock()
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -253,19 +255,47 @@ class LocalVault:
     def _proxied(self, found: proxy.VaultHost, options: Dict[str, Any]) -> LocalVault:
         if self._parent is not None or self._proxy_server is None:
             raise RuntimeError("LocalVault is not started")
+        while True:
+            with self._children_lock:
+                child = self._children.get(found.host)
+                if child is not None:
+                    if options:
+                        raise ValueError(f"{found.host} is served already; options apply only to a new vault")
+                    return child
+                making = self._making.get(found.host)
+                if making is None:
+                    if len(self._children) + len(self._making) >= proxy.MAX_VAULTS:
+                        raise proxy.TooManyVaults(
+                            f"localvault serves at most {proxy.MAX_VAULTS:,} vault names at once, and serves "
+                            f"that many; {found.host} is not one of them."
+                        )
+                    making = self._making[found.host] = threading.Event()
+                    break
+            making.wait()  # another request is making this vault; then take it, or try again
+        # Made outside the lock (a data directory's key derivation takes a tenth of a second), so that
+        # requests to other vaults never wait for it.
+        try:
+            settings = dict(self._options, **options)
+            if self.data_dir is not None:
+                settings.setdefault("data_dir", os.path.join(self.data_dir, "vaults", found.host))
+                settings.setdefault("data_key", self._data_key)
+            child = LocalVault(managed_hsm=found.managed_hsm, _parent=self, _host=found.host, **settings)
+            child.start()
+        except BaseException:
+            with self._children_lock:
+                del self._making[found.host]
+            making.set()
+            raise
         with self._children_lock:
-            child = self._children.get(found.host)
-            if child is None:
-                settings = dict(self._options, **options)
-                if self.data_dir is not None:
-                    settings.setdefault("data_dir", os.path.join(self.data_dir, "vaults", found.host))
-                    settings.setdefault("data_key", self._data_key)
-                child = LocalVault(managed_hsm=found.managed_hsm, _parent=self, _host=found.host, **settings)
-                child.start()
+            del self._making[found.host]
+            stopped = self._proxy_server is None
+            if not stopped:
                 self._children[found.host] = child
-            elif options:
-                raise ValueError(f"{found.host} is served already; options apply only to a new vault")
-            return child
+        making.set()
+        if stopped:
+            child.stop()
+            raise RuntimeError("LocalVault is not started")
+        return child
 
     def forget(self, vault: LocalVault) -> None:
         """Stop a vault the proxy serves and forget it: its name is a new, empty vault on next use (its

@@ -167,9 +167,10 @@ def test_requests_log_through_the_api(localvault, key_client, unique_key_name):
 
 def test_request_log_is_bounded(localvault):
     log = localvault.controls.log
-    for _ in range(10_005):
-        log.record("GET", "/keys?api-version=7.5", 200, None)
-    assert len(localvault.requests()) == 10_000
+    for number in range(10_005):
+        log.record("GET", f"/keys/k{number}?api-version=7.5", 200, None)
+    # the oldest five are dropped; the rest are kept, oldest first
+    assert [e["path"] for e in localvault.requests()] == [f"/keys/k{n}" for n in range(5, 10_005)]
 
 
 def test_wait_idle_does_not_wait_for_itself_but_for_other_requests(localvault):

@@ -563,3 +563,80 @@ def test_the_quickstart_at_a_real_address_with_only_the_export_lines(localvault_
         assert [key.name for key in client.list_deleted_keys()] == ["real-address"]
     finally:
         client.close()
+
+
+# --------------------------------------------------------------------------------------------------------
+# Making vaults: bounded in number, never while other requests wait
+# --------------------------------------------------------------------------------------------------------
+
+
+def test_the_number_of_vault_names_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    from localvault import proxy
+
+    monkeypatch.setattr(proxy, "MAX_VAULTS", 2)
+    with LocalVault() as vault:
+        for name in ("first", "second"):
+            status, _, sock = connect(vault.proxy_port, f"{name}.vault.azure.net:443")
+            sock.close()
+            assert status == 200
+        status, body, sock = connect(vault.proxy_port, "third.vault.azure.net:443")
+        sock.close()
+        assert (status, body.decode()) == (
+            502,
+            "localvault serves at most 2 vault names at once, and serves that many; "
+            "third.vault.azure.net is not one of them.\n",
+        )
+        vault.forget(vault.vault("first"))
+        status, _, sock = connect(vault.proxy_port, "third.vault.azure.net:443")
+        sock.close()
+        assert status == 200
+
+
+def test_making_a_vault_stalls_no_request_to_another(monkeypatch: pytest.MonkeyPatch) -> None:
+    making, release = threading.Event(), threading.Event()
+    start_proxied = LocalVault._start_proxied
+
+    def slow_for_one(self: LocalVault, parent: LocalVault) -> LocalVault:
+        if self._host == "slow.vault.azure.net":
+            making.set()
+            assert release.wait(60)
+        return start_proxied(self, parent)
+
+    monkeypatch.setattr(LocalVault, "_start_proxied", slow_for_one)
+    with LocalVault() as vault:
+        fast = vault.vault("fast").key_client()
+        fast.create_ec_key("before")
+        outcome: List[Any] = []
+        thread = threading.Thread(
+            target=lambda: outcome.append(connect(vault.proxy_port, "slow.vault.azure.net:443"))
+        )
+        thread.start()
+        try:
+            assert making.wait(30)
+            # While the slow vault is being made: the existing vault answers, and a new one is made.
+            assert fast.get_key("before").name == "before"
+            other = vault.vault("other").key_client()
+            assert other.create_ec_key("meanwhile").name == "meanwhile"
+            other.close()
+            assert thread.is_alive() and not outcome
+        finally:
+            release.set()
+            thread.join(60)
+            fast.close()
+        status, _, sock = outcome[0]
+        sock.close()
+        assert status == 200
+
+
+def test_a_vault_whose_data_directory_is_unusable_is_refused_in_one_line(tmp_path: Path) -> None:
+    with LocalVault(data_dir=str(tmp_path), data_key="a passphrase") as vault:
+        broken = tmp_path / "vaults" / "broken.vault.azure.net"
+        broken.mkdir(parents=True)
+        (broken / "localvault.json").write_text("{not json")
+        status, body, sock = connect(vault.proxy_port, "broken.vault.azure.net:443")
+        sock.close()
+        assert status == 502
+        assert body.count(b"\n") == 1 and b"localvault.json" in body
+        status, _, sock = connect(vault.proxy_port, "healthy.vault.azure.net:443")
+        sock.close()
+        assert status == 200
