@@ -101,6 +101,17 @@ KV_KEYS = str(REPO / "kv_keys.py")
 VAULT_VARIABLE_PREFIXES = ("KEY_VAULT_", "IDENTITY_", "LOCALVAULT_", "AZURE_", "MSI_", "IMDS_")
 
 
+def environ_without_vaults() -> Dict[str, str]:
+    """os.environ without anything that chooses a vault, a credential, a proxy or a CA bundle."""
+    return {
+        name: value
+        for name, value in os.environ.items()
+        if not name.upper().startswith(VAULT_VARIABLE_PREFIXES)
+        and not name.upper().endswith("_PROXY")
+        and name not in EXPORTED_NAMES
+    }
+
+
 def use_env(monkeypatch: pytest.MonkeyPatch, env: Dict[str, str]) -> None:
     """Make os.environ equal to env for this test (monkeypatch puts it back)."""
     for name in set(os.environ) - set(env):

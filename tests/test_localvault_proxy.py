@@ -26,7 +26,7 @@ from azure.core.exceptions import HttpResponseError, ResourceNotFoundError, Serv
 from azure.identity import DefaultAzureCredential
 from azure.keyvault.keys import KeyClient
 from azure.keyvault.keys.crypto import CryptographyClient, SignatureAlgorithm
-from helpers import EXPORTED_NAMES, REPO, VAULT_VARIABLE_PREFIXES
+from helpers import EXPORTED_NAMES, REPO, environ_without_vaults
 
 from localvault import LocalVault
 from localvault.cli import read_exports
@@ -45,17 +45,6 @@ def fresh_name(prefix: str = "p") -> str:
 # --------------------------------------------------------------------------------------------------------
 
 
-def base_env() -> Dict[str, str]:
-    """os.environ without anything that chooses a vault, a credential, a proxy or a CA bundle."""
-    return {
-        name: value
-        for name, value in os.environ.items()
-        if not name.upper().startswith(VAULT_VARIABLE_PREFIXES)
-        and not name.upper().endswith("_PROXY")
-        and name not in EXPORTED_NAMES
-    }
-
-
 class Standalone:
     def __init__(self, *args: str) -> None:
         self.process = subprocess.Popen(
@@ -63,7 +52,7 @@ class Standalone:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
-            env=base_env(),
+            env=environ_without_vaults(),
             cwd=REPO,
         )
         watchdog = threading.Timer(60, self.process.kill)  # if it never prints its exports, fail, not hang
@@ -83,7 +72,7 @@ class Standalone:
         return int(self.exports["HTTPS_PROXY"].rsplit(":", 1)[1])
 
     def env(self) -> Dict[str, str]:
-        return dict(base_env(), **self.exports)
+        return dict(environ_without_vaults(), **self.exports)
 
     def stop(self) -> Tuple[str, str]:
         if self.process.poll() is None:
@@ -544,7 +533,7 @@ def test_the_quickstart_at_a_real_address_with_only_the_export_lines(localvault_
     # KEY_VAULT_NAME=NAME python kv_keys.py: DefaultAzureCredential and challenge verification as for
     # Azure; its recover and purge hints are the az commands that work in that shell.
     name = fresh_name("q")
-    env = dict(base_env(), **localvault_session.environ(), KEY_VAULT_NAME=name)
+    env = dict(environ_without_vaults(), **localvault_session.environ(), KEY_VAULT_NAME=name)
     del env["KEY_VAULT_URL"]
     result = subprocess.run(
         [sys.executable, "kv_keys.py", "--name", "real-address"],
