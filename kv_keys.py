@@ -13,16 +13,23 @@
 # ///
 """Create, retrieve and delete a key in Azure Key Vault: Microsoft's keys quickstart, made safe.
 
-Steps, as in the quickstart; the functions below follow them in this order:
-    1. Build a client: KeyClient(vault_url, credential), with DefaultAzureCredential() for Azure and
-       ManagedIdentityCredential() for localvault, which serves it.
-    2. Make sure the name is free: KeyClient.get_key(name) and KeyClient.get_deleted_key(name) must both
-       raise ResourceNotFoundError.
-    3. Create the key: KeyClient.create_rsa_key(name, size=2048) (or create_ec_key(name, curve=...)), and
-       check that it has no other version: KeyClient.list_properties_of_key_versions(name).
-    4. Retrieve it: KeyClient.get_key(name).
-    5. Delete it and wait until the deletion has finished: KeyClient.begin_delete_key(name).wait().
-    6. With --purge, purge it so that the name can be used again: KeyClient.purge_deleted_key(name).
+main() reads the options and the key name; run_quickstart() then runs the quickstart's steps. After those
+two functions the file follows the steps in this order:
+    1. Build a client (choose_vault, ask_key_name, embedded_vault, make_client): KeyClient(vault_url,
+       credential), with DefaultAzureCredential() for Azure and ManagedIdentityCredential() for localvault,
+       which serves it.
+    2. Make sure the name is free (check_name_is_free): KeyClient.get_key(name) and
+       KeyClient.get_deleted_key(name) must both raise ResourceNotFoundError.
+    3. Create the key (create_key): KeyClient.create_rsa_key(name, size=2048) (or create_ec_key(name,
+       curve=...)), and check that it has no other version (check_ownership):
+       KeyClient.list_properties_of_key_versions(name).
+    4. Retrieve it (in run_quickstart): KeyClient.get_key(name); with --keep the run ends there (keep_key).
+    5. Delete it and wait until the deletion has finished (wait_for_deletion):
+       KeyClient.begin_delete_key(name).wait().
+    6. With --purge, purge it so that the name can be used again (purge_key):
+       KeyClient.purge_deleted_key(name).
+Then a banner, and below it what matters only when something goes wrong: the cleanup, the errors and their
+hints, the exit codes, Ctrl-C, the checks of the input, the log redaction.
 
 With no vault configured it starts localvault, this repository's Key Vault emulator, in this process: nothing
 leaves this machine. It never touches a key it did not create; after a failure or Ctrl-C it deletes the key
@@ -62,33 +69,6 @@ if TYPE_CHECKING:
     from azure.keyvault.keys import KeyClient, KeyVaultKey
 
 
-class ExitStatus(enum.IntEnum):
-    """The exit statuses; --help lists them from here."""
-
-    def __new__(cls, value: int, meaning: str) -> ExitStatus:
-        status = int.__new__(cls, value)
-        status._value_, status.meaning = value, meaning
-        return status
-
-    OK = 0, "success"
-    SERVICE = 1, "unexpected service error, or a purge refused while the vault still finishes the deletion"
-    USAGE = (
-        2,
-        "usage or input: bad option, name or URL, end of input, no localvault, a remote IDENTITY_ENDPOINT",
-    )
-    AUTH = 3, "authentication failed: no token (try `az login`, or localvault's latest export lines)"
-    PERMISSION = (
-        4,
-        "permission denied (also: versions not listable, so not deleted), purge protection, or --hsm on a "
-        "standard vault",
-    )
-    UNREACHABLE = 5, "vault not found or unreachable (DNS, connection, TLS, a missing LOCALVAULT_CA_FILE)"
-    CONFLICT = 6, "name conflict: a key or a deleted key has this name, or the key got another version"
-    BUSY = 7, "the vault kept throttling (429) or was unavailable (503), retries included: try again later"
-    INTERRUPTED = 130, "interrupted (Ctrl-C): the key this run created is deleted, or the output names it"
-    STDOUT_CLOSED = 141, "stdout closed early (e.g. `| head -1`): stopped quietly after the same cleanup"
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Check every input, then run the quickstart. Every failure ends as `error:` and `hint:` on stderr."""
     vault: Optional[Vault] = None
@@ -116,17 +96,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def run_quickstart(
     client: KeyClient, vault: Vault, name: str, args: argparse.Namespace, ctrl_c: CtrlC
 ) -> int:
-    run = Run(ctrl_c)
+    """Steps 2 to 6. The three requests that change the vault go through run.sending, which records how far the
+    run has gone (for the cleanup after a failure or Ctrl-C) and lets a first Ctrl-C wait for the vault's answer."""
+    run = Run(ctrl_c, last=Stage.KEPT if args.keep else Stage.PURGED if args.purge else Stage.DELETED)
     try:
         check_name_is_free(client, vault, name)
 
         print(f"Creating a key in {vault.label} called '{name}' ...")
-        options: dict = {"hardware_protected": True} if args.hsm else {}
-        if args.type == "ec":
-            request = functools.partial(client.create_ec_key, name, curve=args.curve or "P-256", **options)
-        else:
-            request = functools.partial(client.create_rsa_key, name, size=args.size or 2048, **options)
-        create_key(request, run)  # sends it, and again while the vault throttles
+        with run.sending("create", Stage.CREATE, Stage.CREATED):
+            run.key = create_key(client, name, args, run)
         print(" done.")
         describe_key(run.key)
         # Someone may have created the name since step 2: then this run added a version to their key, and
@@ -139,34 +117,22 @@ def run_quickstart(
         if retrieved.properties.version != run.key.properties.version:
             raise someone_else_writes(name, run, f"returned version {retrieved.properties.version}")
         print(f"  same version as created: {retrieved.properties.version}")
-
         if args.keep:
-            print(f"Keeping your key in {vault.label} (--keep).")
-            if vault.kind == "embedded":
-                print("  (this embedded localvault goes away when the script ends)")
-            else:
-                print(f"  to delete it later: {az_command(vault, 'delete', name)}")
-            return ExitStatus.OK
+            return keep_key(vault, name, run)
         if run.stage is not Stage.OWNED:
             raise not_owned_failure(vault, name, run)
 
         print(f"Deleting your key from {vault.label} ...")
-        with ctrl_c.finishing("delete"):
-            run.stage = Stage.DELETE
+        with run.sending("delete", Stage.DELETE, Stage.DELETING):
             poller = client.begin_delete_key(name)
-            run.stage = Stage.DELETING
-        wait_for_deletion(poller)
-        run.stage = Stage.DELETED
+        deleted = wait_for_deletion(poller, run)
         print(" done.")
-        deleted = poller.result()
         print_deletion(vault, name, deleted, args.purge)
 
         if args.purge:
             print(f"Purging your key from {vault.label} ...")
-            with ctrl_c.finishing("purge"):
-                run.stage = Stage.PURGE
+            with run.sending("purge", Stage.PURGE, Stage.PURGED):
                 purge_key(client, vault, name, deleted)
-                run.stage = Stage.PURGED
             print(" done.")
             later = "" if vault.is_local else " (Azure may take a few seconds to finish)"
             print(f"  The name '{name}' can be used again{later}.")
@@ -176,235 +142,7 @@ def run_quickstart(
         return report_error(exc, vault, args.verbose, ctrl_c, after, name)
 
 
-class Stage(enum.Enum):
-    """How far the run has gone: what a failure leaves behind, and what the cleanup may do about it."""
-
-    CHECK = "nothing created yet"
-    CREATE = "create request sent, no answer yet"
-    CREATED = "key created; not (yet) known to hold only this run's version"
-    FOREIGN = "key holds versions that this run did not create: never deleted"
-    OWNED = "key holds only this run's version: the cleanup deletes it"
-    DELETE = "delete request sent, no answer yet"
-    DELETING = "delete request accepted; the vault finishes the deletion"
-    DELETED = "deletion finished"
-    PURGE = "purge request sent"
-    PURGED = "purged"
-
-
-@dataclass
-class Run:
-    ctrl_c: CtrlC
-    stage: Stage = Stage.CHECK
-    key: Optional[KeyVaultKey] = None  # the key version that this run created
-    doubt: str = ""  # at Stage.CREATED: why the run cannot tell whether the key is its alone
-
-
-# --- The steps, in the order run_quickstart calls them ---
-
-
-def check_name_is_free(client: KeyClient, vault: Vault, name: str) -> None:
-    """Step 2. A taken name raises a Failure. A lookup that is not permitted is no reason to stop: create's
-    409 and the version check still protect someone else's key."""
-    try:
-        existing = client.get_key(name)
-    except ResourceNotFoundError:
-        pass
-    except HttpResponseError as exc:
-        if exc.status_code != 403:
-            raise
-    else:
-        raise Failure(
-            ExitStatus.CONFLICT,
-            f"a key named '{name}' already exists in {vault.label} (version {existing.properties.version}); "
-            "it was left exactly as it was",
-            "choose another name: this script only deletes keys that it created itself",
-        )
-    try:
-        deleted = client.get_deleted_key(name)
-    except HttpResponseError:  # 404: free; anything else: let create and its 409 decide
-        return
-    raise soft_deleted_failure(vault, name, deleted.scheduled_purge_date)
-
-
-RETRIES = 5  # per request, for a vault that throttles (429) or is unavailable (5xx); see make_client
-
-
-def create_key(request: Callable[..., KeyVaultKey], run: Run) -> None:
-    """Step 3. A create answered 429 or 503 was not carried out: the script tries again itself, after the
-    vault's Retry-After, and says so (azure-core would retry in silence: retry_status=0 turns that off for
-    the create). A create whose answer was lost, or that failed otherwise, may have worked: never tried again."""
-    for retry in range(1, RETRIES + 2):
-        try:
-            with run.ctrl_c.finishing("create"):  # a first Ctrl-C lets the vault answer: the key is known
-                run.stage = Stage.CREATE
-                run.key = request(retry_status=0)
-                run.stage = Stage.CREATED
-                return
-        except HttpResponseError as exc:
-            if exc.status_code not in BUSY_STATUSES or retry > RETRIES:
-                raise
-            run.stage = Stage.CHECK  # the vault created nothing
-            if run.ctrl_c.count:
-                raise KeyboardInterrupt from None
-            wait = retry_after(exc, retry)
-            print(f"  {busy_reason(exc)}: trying the create again in {wait} s (retry {retry} of {RETRIES})")
-            time.sleep(wait)
-
-
-def retry_after(exc: HttpResponseError, retry: int) -> int:
-    """The vault's Retry-After in seconds, at most 30; without one 1, 2, 4, 8, 16 s, as Microsoft advises."""
-    value = str(getattr(exc.response, "headers", {}).get("Retry-After", "")).strip()
-    return min(int(value), 30) if value.isdigit() else 2 ** (retry - 1)
-
-
-def describe_key(key: KeyVaultKey) -> None:
-    material = key.key
-    if str(enum_text(key.key_type)).startswith("EC"):
-        shape = f"curve {enum_text(getattr(material, 'crv', None))}"
-    else:
-        modulus = getattr(material, "n", None)
-        shape = f"{len(modulus) * 8} bits" if modulus else "size not reported"
-    operations = ", ".join(enum_text(op) for op in (key.key_operations or [])) or "none listed"
-    print(f"  id:         {key.id}")
-    print(f"  type:       {enum_text(key.key_type)}, {shape}")
-    print(f"  enabled:    {key.properties.enabled}")
-    print(f"  created:    {key.properties.created_on}")
-    print(f"  operations: {operations}")
-
-
-CANNOT_LIST = "this identity may not list the key's versions"
-
-
-def check_ownership(client: KeyClient, vault: Vault, name: str, run: Run) -> None:
-    """Step 3, end: Stage.OWNED if the key has just the version created here; a Failure if it has others."""
-    assert run.key is not None
-    version = run.key.properties.version
-    try:
-        versions = [v.version for v in client.list_properties_of_key_versions(name)]
-    except ResourceNotFoundError:
-        versions = []
-    except Exception as exc:  # the cleanup then asks no more: it names the key instead
-        if getattr(exc, "status_code", None) == 403:
-            run.doubt = CANNOT_LIST
-            return
-        run.doubt = f"the vault did not answer the version check ({first_line(exc)})"
-        raise
-    if versions == [version]:
-        run.stage = Stage.OWNED
-    elif not versions:
-        run.doubt = f"the vault does not list the key's versions yet (not even {version})"
-    elif version not in versions:
-        raise someone_else_writes(name, run, f"lists version(s) {', '.join(versions)}")
-    else:
-        run.stage = Stage.FOREIGN
-        raise Failure(
-            ExitStatus.CONFLICT,
-            f"a key named '{name}' already existed in {vault.label}, or someone else created it after the name "
-            f"check: it has {len(versions) - 1} other version(s). This run added version {version} to it and "
-            "deleted nothing",
-            "disable just that version if you do not want it: "
-            f"{az_command(vault, 'set-attributes', name, version)} (a single version cannot be deleted)",
-        )
-
-
-def someone_else_writes(name: str, run: Run, seen: str) -> Failure:
-    assert run.key is not None
-    run.stage = Stage.FOREIGN
-    return Failure(
-        ExitStatus.CONFLICT,
-        f"the vault {seen} of '{name}', not the version {run.key.properties.version} created here: "
-        "something else is writing to this key",
-        "this script leaves the key alone; choose another name",
-    )
-
-
-def not_owned_failure(vault: Vault, name: str, run: Run) -> Failure:
-    hint = (
-        permission_hint(vault, "list")
-        if run.doubt == CANNOT_LIST
-        else f"look at the key ({az_command(vault, 'show', name)}) and delete it if it is yours alone: "
-        f"{az_command(vault, 'delete', name)}"
-    )
-    return Failure(
-        ExitStatus.PERMISSION,
-        f"not deleting '{name}': {run.doubt}, so this run cannot tell whether the key holds versions that it "
-        "did not create",
-        hint,
-    )
-
-
-def wait_for_deletion(poller: Any) -> None:
-    """Step 5: poller.wait() returns once the deleted key is listed, i.e. the deletion has really finished.
-
-    wait() is called once: each call of KeyVaultOperationPoller.wait starts a polling thread of its own.
-    On a terminal a spinner turns meanwhile."""
-    if not sys.stdout.isatty():
-        print("  waiting until the deletion has finished ...")
-        poller.wait()
-        return
-    done = threading.Event()
-
-    def spin() -> None:
-        start = time.monotonic()
-        for frame in itertools.cycle("|/-\\"):
-            if done.wait(0.1):
-                return
-            elapsed = time.monotonic() - start
-            print(f"\r  waiting until the deletion has finished {frame} {elapsed:.1f}s", end="", flush=True)
-
-    spinner = threading.Thread(target=spin, name="spinner", daemon=True)
-    spinner.start()
-    try:
-        poller.wait()
-    finally:
-        done.set()
-        spinner.join()
-        print("\r\033[K", end="", flush=True)
-
-
-def print_deletion(vault: Vault, name: str, deleted: Any, purge: bool) -> None:
-    if deleted is None or not deleted.recovery_id:
-        print("  This vault does not keep deleted keys: the key is gone.")
-        return
-    print(f"  recovery id: {deleted.recovery_id}")
-    until = "--purge: purged next" if purge else f"until then the name '{name}' stays taken"
-    print(f"  purge date:  {deleted.scheduled_purge_date} ({until})")
-    if not purge:
-        print(f"  to recover:  {az_command(vault, 'recover', name)}{needs(vault, 'recover')}")
-        print(f"  to purge:    {az_command(vault, 'purge', name)}   (or run this script with --purge)")
-    if vault.kind == "embedded":
-        print("  (this embedded localvault, with its deleted keys, goes away when the script ends)")
-
-
-def purge_key(client: KeyClient, vault: Vault, name: str, deleted: Any) -> None:
-    """Step 6 (--purge)."""
-    try:
-        client.purge_deleted_key(name)
-    except HttpResponseError as exc:
-        if exc.status_code == 403 and "protection" in first_line(exc).lower():
-            until = getattr(deleted, "scheduled_purge_date", None) or "its scheduled purge date"
-            raise Failure(
-                ExitStatus.PERMISSION,
-                f"the key '{name}' was deleted but cannot be purged: purge protection is on for {vault.label}",
-                f"it can be recovered until {until}, when the vault purges it; use another name until then, "
-                f"or get it back: {az_command(vault, 'recover', name)}{needs(vault, 'recover')}",
-            ) from exc
-        if exc.status_code == 409:  # Azure: "Key is currently being deleted." (ObjectIsBeingDeleted)
-            raise Failure(
-                ExitStatus.SERVICE,
-                f"the key '{name}' is deleted, but {vault.label} refused to purge it yet: the deletion is still "
-                f"in progress ({first_line(exc)})",
-                f"purge it in a few seconds: {az_command(vault, 'purge', name)}",
-            ) from exc
-        raise
-
-
-# --- The vault, the name and the options: all checked before the Azure SDK is imported ---
-
-KEY_NAME_RE = re.compile(r"[0-9a-zA-Z-]{1,127}")
-VAULT_NAME_RE = re.compile(r"[A-Za-z][A-Za-z0-9-]{1,22}[A-Za-z0-9]")
-URL_HINT = "give the vault's URL, like https://my-vault.vault.azure.net"
-LOCALVAULT_HINT = "run here the latest export lines that `python -m localvault` printed"
+# --- Step 1. The vault, the key name, the SDK and the client ---
 
 
 @dataclass
@@ -435,89 +173,6 @@ class Vault:
         return ".managedhsm." in self.host
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise Failure(ExitStatus.USAGE, message, "run `python kv_keys.py --help` for the options")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    codes = "".join(
-        "\n" + textwrap.fill(s.meaning, 104, initial_indent=f"  {s.value:<4} ", subsequent_indent=" " * 7)
-        for s in ExitStatus
-    )
-    parser = _Parser(
-        prog="kv_keys.py",
-        description="Create an RSA or EC key in Azure Key Vault, retrieve it and delete it. With no vault "
-        "configured it uses localvault, an emulator started in this process: nothing leaves this machine.",
-        epilog=f"exit codes:{codes}\n\n"
-        "vault, in this order: --vault-url or KEY_VAULT_URL; KEY_VAULT_NAME; else the embedded localvault.\n"
-        "A key that this script did not create is never deleted; if another writer creates the same name\n"
-        "at the same moment, the version that this run added to it is reported, and left alone.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    where = parser.add_mutually_exclusive_group()
-    where.add_argument("--vault-url", metavar="URL", help="full vault URL (default: $KEY_VAULT_URL)")
-    where.add_argument("--local", action="store_true", help="the embedded localvault, even with KEY_VAULT_*")
-    parser.add_argument("--name", help="key name, 1-127 letters, digits and hyphens (default: ask)")
-    parser.add_argument("--type", choices=["rsa", "ec"], default="rsa", help="key type (default: rsa)")
-    parser.add_argument("--size", type=int, choices=[2048, 3072, 4096], help="RSA key size (default: 2048)")
-    parser.add_argument(
-        "--curve", choices=["P-256", "P-384", "P-521", "P-256K"], help="EC curve (default: P-256)"
-    )
-    parser.add_argument("--hsm", action="store_true", help="HSM-protected key (Premium vault or Managed HSM)")
-    after = parser.add_mutually_exclusive_group()
-    after.add_argument("--purge", action="store_true", help="purge the key after deleting it: frees its name")
-    after.add_argument("--keep", action="store_true", help="keep the key: skip the deletion")
-    parser.add_argument("-v", "--verbose", action="store_true", help="HTTP log (tokens redacted), tracebacks")
-    return parser
-
-
-def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
-    args = build_parser().parse_args(argv)
-    if args.type == "rsa" and args.curve:
-        raise Failure(ExitStatus.USAGE, "--curve applies to EC keys only", "add --type ec, or drop --curve")
-    if args.type == "ec" and args.size:
-        raise Failure(
-            ExitStatus.USAGE, "--size applies to RSA keys only", "use --curve for EC keys, or drop --size"
-        )
-    if args.name is not None:
-        check_key_name(args.name)
-    return args
-
-
-def check_key_name(name: str) -> None:
-    if not KEY_NAME_RE.fullmatch(name):
-        shown = name if len(name) <= 40 else name[:40] + "..."
-        raise Failure(
-            ExitStatus.USAGE,
-            f"invalid key name {shown!r}: use 1 to 127 letters (a-z, A-Z), digits and hyphens",
-            f"for example {suggest_key_name()}",
-        )
-
-
-def suggest_key_name() -> str:
-    return f"quickstart-{time.strftime('%Y%m%d')}-{secrets.token_hex(3)}"
-
-
-def ask_key_name() -> str:
-    """Ask for the key name. Enter accepts a fresh suggested name; end of input is an error."""
-    default = suggest_key_name()
-    try:
-        answer = input(f"Input a name for your key [{default}] > ")
-    except EOFError:
-        print()
-        raise Failure(
-            ExitStatus.USAGE,
-            "no key name: the input ended before a name was given",
-            "give one with --name NAME, or pipe it in: echo my-key | python kv_keys.py",
-        ) from None
-    if not sys.stdin.isatty():
-        print()  # the typed name is not echoed when piped, so end the prompt's line here
-    name = answer.strip() or default
-    check_key_name(name)
-    return name
-
-
 def choose_vault(args: argparse.Namespace, environ: Any) -> Vault:
     """Pick the vault: --vault-url or KEY_VAULT_URL, then KEY_VAULT_NAME, else the embedded localvault."""
     if args.vault_url is not None and not args.vault_url.strip():
@@ -525,11 +180,12 @@ def choose_vault(args: argparse.Namespace, environ: Any) -> Vault:
     url = "" if args.local else args.vault_url or environ.get("KEY_VAULT_URL", "").strip()
     name = "" if args.local else environ.get("KEY_VAULT_NAME", "").strip()
     if url:
-        url = check_vault_url(url, "--vault-url" if args.vault_url else "KEY_VAULT_URL")
+        source = "--vault-url" if args.vault_url else "KEY_VAULT_URL"
+        url = check_vault_url(url, source)
         vault = Vault(kind="url", url=url, label=url)
         if vault.is_loopback:  # localvault's CA and identity endpoint serve a loopback vault only
             vault.ca_file = check_local_ca_file(environ)
-            check_identity_variables(vault, environ)
+            check_identity_variables(vault, environ, source)
         return vault
     if name:
         check_vault_name(name)
@@ -538,95 +194,105 @@ def choose_vault(args: argparse.Namespace, environ: Any) -> Vault:
         raise Failure(
             ExitStatus.USAGE,
             "no vault configured, and the localvault package is not here to start one",
-            "run kv_keys.py from a clone of its repository, or set KEY_VAULT_NAME (or KEY_VAULT_URL) "
-            "to use a vault in Azure",
+            "run kv_keys.py from a clone of its repository, or with localvault beside it: "
+            "`uv run --with PATH_TO_CLONE kv_keys.py`, or `pip install PATH_TO_CLONE` first; "
+            "or set KEY_VAULT_NAME (or KEY_VAULT_URL) to use a vault in Azure",
         )
     return Vault(kind="embedded", source="--local" if args.local else "no KEY_VAULT_URL or KEY_VAULT_NAME")
 
 
-def check_vault_url(url: str, source: str) -> str:
-    """Return the URL normalised to https://host[:port], or raise a usage Failure."""
+def suggest_key_name() -> str:
+    return f"quickstart-{time.strftime('%Y%m%d')}-{secrets.token_hex(3)}"
+
+
+ASK_AGAIN = 3  # at a terminal, an invalid name is asked for again at most this many times
+
+
+def ask_key_name() -> str:
+    """Ask for the key name; Enter accepts a fresh suggested name. At a terminal an invalid name is asked for
+    again; a piped one, or the end of input, is an error."""
+    default = suggest_key_name()
+    prompt = f"Input a name for your key [{default}] > "
+    at_terminal = sys.stdin.isatty()
+    # At a terminal the prompt goes where it shows: with stdout piped (`| head -1`), to stderr.
+    to = sys.stdout if sys.stdout.isatty() or not at_terminal else sys.stderr
+    tries_left = ASK_AGAIN
+    while True:
+        try:
+            if at_terminal:
+                print(prompt, end="", file=to, flush=True)
+                answer = input()
+            else:
+                answer = input(prompt)
+        except EOFError:
+            print(file=to)
+            raise Failure(
+                ExitStatus.USAGE,
+                "no key name: the input ended before a name was given",
+                "give one with --name NAME, or pipe it in: echo my-key | python kv_keys.py",
+            ) from None
+        if not at_terminal:
+            print()  # the typed name is not echoed when piped, so end the prompt's line here
+        name = answer.strip() or default
+        try:
+            check_key_name(name, example=default)
+            return name
+        except Failure as failure:
+            if not at_terminal or not tries_left:
+                raise
+            tries_left -= 1
+            print(f"{failure.message}; try again, or press Enter for {default}", file=to)
+
+
+def import_azure_sdk() -> None:
+    """Import the Azure SDK, once every input has been checked: --help and input errors need none of it.
+    Without it, say which Python lacks it: the likeliest first mistake is a terminal without the venv."""
+    global ClientAuthenticationError, HttpResponseError, IncompleteReadError, ResourceExistsError
+    global ResourceNotFoundError, ServiceRequestError, ServiceResponseError, RequestsTransport
+    global DefaultAzureCredential, ManagedIdentityCredential, KeyClient
     try:
-        parts = urlsplit(url.strip())
-        port = parts.port  # raises ValueError for a port that is not a number from 0 to 65535
-    except ValueError as exc:
-        problem = str(exc)
-    else:
-        if parts.scheme.lower() != "https" or not parts.hostname:
-            problem = "it must start with https://"
-        elif port == 0 or parts.netloc.endswith(":"):
-            problem = "the port is empty or 0"
-        elif parts.username or parts.password or parts.query or parts.fragment or parts.path not in ("", "/"):
-            problem = "it must be only https://host[:port]"
-        else:
-            return f"https://{parts.netloc.lower()}"
-    raise Failure(ExitStatus.USAGE, f"invalid vault URL {url!r} in {source}: {problem}", URL_HINT)
-
-
-def check_vault_name(name: str) -> None:
-    if not VAULT_NAME_RE.fullmatch(name) or "--" in name:
+        from azure.core.exceptions import (
+            ClientAuthenticationError,
+            HttpResponseError,
+            IncompleteReadError,
+            ResourceExistsError,
+            ResourceNotFoundError,
+            ServiceRequestError,
+            ServiceResponseError,
+        )
+        from azure.core.pipeline.transport import RequestsTransport
+        from azure.identity import DefaultAzureCredential, ManagedIdentityCredential
+        from azure.keyvault.keys import KeyClient
+    except ModuleNotFoundError as exc:
         raise Failure(
             ExitStatus.USAGE,
-            f"invalid vault name {name!r} in KEY_VAULT_NAME: a vault name has 3 to 24 letters, digits and "
-            "hyphens, starts with a letter, ends with a letter or digit, and has no '--'",
-            "set KEY_VAULT_NAME to the name shown by `az keyvault list --output table`, "
-            "or set KEY_VAULT_URL to the vault's full URL",
+            f"the Azure SDK is not installed in this Python, {sys.executable} (no module named {exc.name!r})",
+            "activate the virtual environment that has it (. .venv/bin/activate), or install it here: "
+            "pip install -r requirements.txt",
+        ) from None
+
+
+@contextlib.contextmanager
+def embedded_vault(why: str) -> Iterator[Vault]:
+    """Start localvault in this process; its managed-identity variables are set while it runs."""
+    from localvault import LocalVault
+
+    with LocalVault() as local:
+        print(
+            f"Using localvault, a Key Vault emulator started in this process on 127.0.0.1 ({why}): nothing leaves this machine."
         )
+        saved = dict(os.environ)
+        os.environ.update(local.environ())  # azure-identity (msal) reads IDENTITY_* from os.environ
+        try:
+            yield Vault(
+                kind="embedded", url=local.url, label=f"localvault at {local.url}", ca_file=local.ca_file
+            )
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
 
 
-def check_local_ca_file(environ: Any) -> Optional[str]:
-    """LOCALVAULT_CA_FILE, if set, must name a file: a stopped localvault removes its CA file."""
-    ca_file = environ.get("LOCALVAULT_CA_FILE", "").strip()
-    if ca_file and not os.path.isfile(ca_file):
-        raise Failure(
-            ExitStatus.UNREACHABLE,
-            f"cannot set up TLS: LOCALVAULT_CA_FILE names {ca_file}, which is not a file "
-            "(a localvault that has stopped removes its CA file)",
-            f"is localvault still running? Each start makes a new CA: {LOCALVAULT_HINT}",
-        )
-    return ca_file or None
-
-
-def check_identity_variables(vault: Vault, environ: Any) -> None:
-    """A loopback vault gets its tokens from localvault's IDENTITY_ENDPOINT, which must be on this machine too:
-    a real managed identity (an Azure VM, App Service) must never hand its token to a local port. Without the
-    variables ManagedIdentityCredential would probe the Azure VM metadata address."""
-    missing = [var for var in ("IDENTITY_ENDPOINT", "IDENTITY_HEADER") if not environ.get(var, "").strip()]
-    if missing:
-        raise Failure(
-            ExitStatus.AUTH,
-            f"no credential for {vault.url}: {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not set",
-            "start `python -m localvault` in another terminal and run here the export lines it prints, "
-            "or unset KEY_VAULT_URL to use the embedded localvault",
-        )
-    endpoint = environ["IDENTITY_ENDPOINT"].strip()
-    if not is_loopback_host(host_of(endpoint)):
-        raise Failure(
-            ExitStatus.USAGE,
-            f"IDENTITY_ENDPOINT is {endpoint}, not on this machine, but the vault {vault.url} is: "
-            "refusing to send a managed-identity token from there to a local port",
-            "run here the export lines that `python -m localvault` prints (IDENTITY_ENDPOINT=http://127.0.0.1:...), "
-            "or unset KEY_VAULT_URL to use the embedded localvault",
-        )
-
-
-def host_of(url: str) -> str:
-    try:
-        return urlsplit(url).hostname or ""
-    except ValueError:
-        return ""
-
-
-def is_loopback_host(host: str) -> bool:
-    """True for localhost, 127.0.0.0/8 and ::1: the only hosts that get localvault's relaxations."""
-    if host.lower() == "localhost":
-        return True
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    mapped = getattr(address, "ipv4_mapped", None)
-    return address.is_loopback or (mapped is not None and mapped.is_loopback)
+RETRIES = 5  # per request, for a vault that throttles (429) or is unavailable (5xx); see make_client
 
 
 def make_client(vault: Vault) -> KeyClient:
@@ -683,7 +349,228 @@ class LocalTokenSource:
             raise no_local_token(exc) from exc
 
 
-# --- Cleanup: after a failure, delete the key this run created if it is certainly this run's alone; say what is left ---
+# --- Step 2. The name must be free ---
+
+
+def check_name_is_free(client: KeyClient, vault: Vault, name: str) -> None:
+    """Step 2. A taken name raises a Failure. A lookup that is not permitted is no reason to stop: create's
+    409 and the version check still protect someone else's key."""
+    try:
+        existing = client.get_key(name)
+    except ResourceNotFoundError:
+        pass
+    except HttpResponseError as exc:
+        if exc.status_code != 403:
+            raise
+    else:
+        raise Failure(
+            ExitStatus.CONFLICT,
+            f"a key named '{name}' already exists in {vault.label} (version {existing.properties.version}); "
+            "it was left exactly as it was",
+            "choose another name: this script only deletes keys that it created itself",
+        )
+    try:
+        deleted = client.get_deleted_key(name)
+    except HttpResponseError:  # 404: free; anything else: let create and its 409 decide
+        return
+    raise soft_deleted_failure(vault, name, deleted.scheduled_purge_date)
+
+
+# --- Step 3. Create the key, and make sure that it is this run's alone ---
+
+
+def create_key(client: KeyClient, name: str, args: argparse.Namespace, run: Run) -> KeyVaultKey:
+    """Step 3: an RSA key, or an EC key with --type ec. A create answered 429 or 503 was not carried out: the
+    script sends it again itself, after the vault's Retry-After, and says so (azure-core would retry in silence:
+    retry_status=0 turns that off for the create). A create whose answer was lost, or that failed otherwise, may
+    have worked: never sent again."""
+    options: dict = {"hardware_protected": True} if args.hsm else {}
+    if args.type == "ec":
+        create = functools.partial(client.create_ec_key, name, curve=args.curve or "P-256", **options)
+    else:
+        create = functools.partial(client.create_rsa_key, name, size=args.size or 2048, **options)
+    retry = 0
+    while True:
+        try:
+            return create(retry_status=0)
+        except HttpResponseError as exc:
+            retry += 1
+            if exc.status_code not in BUSY_STATUSES or retry > RETRIES:
+                raise
+            wait, why = retry_after(exc, retry), busy_reason(exc)
+        with run.waiting_to_retry():
+            print(f"  {why}: trying the create again in {wait} s (retry {retry} of {RETRIES})")
+            time.sleep(wait)
+
+
+def describe_key(key: KeyVaultKey) -> None:
+    material = key.key
+    if str(enum_text(key.key_type)).startswith("EC"):
+        shape = f"curve {enum_text(getattr(material, 'crv', None))}"
+    else:
+        modulus = getattr(material, "n", None)
+        shape = f"{len(modulus) * 8} bits" if modulus else "size not reported"
+    operations = ", ".join(enum_text(op) for op in (key.key_operations or [])) or "none listed"
+    print(f"  id:         {key.id}")
+    print(f"  type:       {enum_text(key.key_type)}, {shape}")
+    print(f"  enabled:    {key.properties.enabled}")
+    print(f"  created:    {key.properties.created_on}")
+    print(f"  operations: {operations}")
+
+
+def enum_text(value: Any) -> str:
+    return str(getattr(value, "value", value))
+
+
+CANNOT_LIST = "this identity may not list the key's versions"
+
+
+def check_ownership(client: KeyClient, vault: Vault, name: str, run: Run) -> None:
+    """Step 3, end: Stage.OWNED if the key has just the version created here; a Failure if it has others."""
+    assert run.key is not None
+    version = run.key.properties.version
+    try:
+        versions = [v.version for v in client.list_properties_of_key_versions(name)]
+    except ResourceNotFoundError:
+        versions = []
+    except Exception as exc:  # the cleanup then asks no more: it names the key instead
+        if getattr(exc, "status_code", None) == 403:
+            run.doubt = CANNOT_LIST
+            return
+        run.doubt = f"the vault did not answer the version check ({first_line(exc)})"
+        raise
+    if versions == [version]:
+        run.stage = Stage.OWNED
+    elif not versions:
+        run.doubt = f"the vault does not list the key's versions yet (not even {version})"
+    elif version not in versions:
+        raise someone_else_writes(name, run, f"lists version(s) {', '.join(versions)}")
+    else:
+        run.stage = Stage.FOREIGN
+        raise Failure(
+            ExitStatus.CONFLICT,
+            f"a key named '{name}' already existed in {vault.label}, or someone else created it after the name "
+            f"check: it has {len(versions) - 1} other version(s). This run added version {version} to it and "
+            "deleted nothing",
+            "disable just that version if you do not want it: "
+            f"{az_command(vault, 'set-attributes', name, version)} (a single version cannot be deleted)",
+        )
+
+
+# --- Step 4. Retrieve it (run_quickstart does); --keep ends the run there ---
+
+
+def keep_key(vault: Vault, name: str, run: Run) -> int:
+    """Step 4, end, with --keep: the run has nothing left to send."""
+    run.reach(Stage.KEPT)
+    print(f"Keeping your key in {vault.label} (--keep).")
+    if vault.kind == "embedded":
+        print("  (this embedded localvault goes away when the script ends)")
+    else:
+        print(f"  to delete it later: {az_command(vault, 'delete', name)}")
+    return ExitStatus.OK
+
+
+# --- Step 5. Delete it, and wait until the deletion has finished ---
+
+
+def wait_for_deletion(poller: Any, run: Run) -> Any:
+    """Step 5: poller.wait() returns once the deleted key is listed, i.e. the deletion has really finished.
+
+    wait() is called once: each call of KeyVaultOperationPoller.wait starts a polling thread of its own.
+    On a terminal a spinner turns meanwhile. Returns the deleted key."""
+    if not sys.stdout.isatty():
+        print("  waiting until the deletion has finished ...")
+        poller.wait()
+        run.reach(Stage.DELETED)
+        return poller.result()
+    done = threading.Event()
+
+    def spin() -> None:
+        start = time.monotonic()
+        for frame in itertools.cycle("|/-\\"):
+            if done.wait(0.1):
+                return
+            elapsed = time.monotonic() - start
+            print(f"\r  waiting until the deletion has finished {frame} {elapsed:.1f}s", end="", flush=True)
+
+    spinner = threading.Thread(target=spin, name="spinner", daemon=True)
+    spinner.start()
+    try:
+        poller.wait()
+    finally:
+        done.set()
+        spinner.join()
+        print("\r\033[K", end="", flush=True)
+    run.reach(Stage.DELETED)
+    return poller.result()
+
+
+def print_deletion(vault: Vault, name: str, deleted: Any, purge: bool) -> None:
+    if deleted is None or not deleted.recovery_id:
+        print("  This vault does not keep deleted keys: the key is gone.")
+        return
+    print(f"  recovery id: {deleted.recovery_id}")
+    until = "--purge: purged next" if purge else f"until then the name '{name}' stays taken"
+    print(f"  purge date:  {deleted.scheduled_purge_date} ({until})")
+    if not purge:
+        print(f"  to recover:  {az_command(vault, 'recover', name)}{needs(vault, 'recover')}")
+        print(f"  to purge:    {az_command(vault, 'purge', name)}   (or run this script with --purge)")
+    if vault.kind == "embedded":
+        print("  (this embedded localvault, with its deleted keys, goes away when the script ends)")
+
+
+def az_command(vault: Vault, verb: str, name: str, version: str = "") -> str:
+    """The Azure CLI command for verb on key name; for localvault, which az cannot reach, the SDK call."""
+    if vault.is_local:
+        calls = {
+            "recover": f"KeyClient.begin_recover_deleted_key('{name}')",
+            "purge": f"KeyClient.purge_deleted_key('{name}')",
+            "delete": f"KeyClient.begin_delete_key('{name}')",
+            "show": f"KeyClient.get_key('{name}')",
+            "set-attributes": f"KeyClient.update_key_properties('{name}', '{version}', enabled=False)",
+        }
+        return f"{calls[verb]} on {vault.url or 'localvault'}"
+    option = "--hsm-name" if vault.is_hsm else "--vault-name"
+    command = f"az keyvault key {verb} {option} {az_vault_name(vault)} --name {name}"
+    return command + (f" --version {version} --enabled false" if verb == "set-attributes" else "")
+
+
+def az_vault_name(vault: Vault) -> str:
+    if vault.kind == "azure":
+        return vault.label
+    return vault.host.split(".")[0] if vault.host and not vault.is_loopback else "VAULT_NAME"
+
+
+def needs(vault: Vault, operation: str) -> str:
+    """What recovering or purging a deleted key needs: "Managed HSM Crypto User" can do neither."""
+    if vault.is_local:
+        return ""
+    if vault.is_hsm:
+        return ' (needs the role "Managed HSM Crypto Officer")'
+    return f' (needs the key permission {operation}, or the role "Key Vault Crypto Officer")'
+
+
+# --- Step 6. With --purge, purge it ---
+
+
+def purge_key(client: KeyClient, vault: Vault, name: str, deleted: Any) -> None:
+    """Step 6 (--purge)."""
+    try:
+        client.purge_deleted_key(name)
+    except HttpResponseError as exc:
+        refused = purge_refused(exc, vault, name, deleted)
+        if refused is None:
+            raise
+        raise refused from exc
+
+
+# ==========================================================================================================
+# Below: what runs only when something goes wrong, and the checks and plumbing behind the steps.
+# ==========================================================================================================
+
+
+# --- The cleanup after a failure: delete the key if it is certainly this run's alone; say what is left ---
 
 
 @dataclass
@@ -874,6 +761,7 @@ def report_error(
     if not closed:
         print(f"error: {failure.message}", file=sys.stderr, flush=True)
     outcome = after() if after is not None else Outcome("nothing was created", clean=True)
+    ctrl_c.settled = True  # what is left is printing what happened: a late Ctrl-C must not cut it short
     if closed:
         if outcome.clean:
             return failure.code
@@ -990,8 +878,8 @@ def no_local_token(exc: BaseException) -> Failure:
         ExitStatus.AUTH,
         f"no token from localvault's identity endpoint {endpoint} (IDENTITY_ENDPOINT): "
         + ("connection refused" if refused else first_line(exc)),
-        "is localvault still running? Each start gets new ports and a new secret: restart "
-        "`python -m localvault` if needed and run here the latest export lines it printed",
+        "is localvault still running? If not, restart `python -m localvault` and run here the latest export "
+        "lines it printed",
     )
 
 
@@ -1082,13 +970,50 @@ def soft_deleted_failure(vault: Vault, name: str, purge_date: Any) -> Failure:
     )
 
 
-def needs(vault: Vault, operation: str) -> str:
-    """What recovering or purging a deleted key needs: "Managed HSM Crypto User" can do neither."""
-    if vault.is_local:
-        return ""
-    if vault.is_hsm:
-        return ' (needs the role "Managed HSM Crypto Officer")'
-    return f' (needs the key permission {operation}, or the role "Key Vault Crypto Officer")'
+def someone_else_writes(name: str, run: Run, seen: str) -> Failure:
+    assert run.key is not None
+    run.stage = Stage.FOREIGN
+    return Failure(
+        ExitStatus.CONFLICT,
+        f"the vault {seen} of '{name}', not the version {run.key.properties.version} created here: "
+        "something else is writing to this key",
+        "this script leaves the key alone; choose another name",
+    )
+
+
+def not_owned_failure(vault: Vault, name: str, run: Run) -> Failure:
+    hint = (
+        permission_hint(vault, "list")
+        if run.doubt == CANNOT_LIST
+        else f"look at the key ({az_command(vault, 'show', name)}) and delete it if it is yours alone: "
+        f"{az_command(vault, 'delete', name)}"
+    )
+    return Failure(
+        ExitStatus.PERMISSION,
+        f"not deleting '{name}': {run.doubt}, so this run cannot tell whether the key holds versions that it "
+        "did not create",
+        hint,
+    )
+
+
+def purge_refused(exc: HttpResponseError, vault: Vault, name: str, deleted: Any) -> Optional[Failure]:
+    """Why a purge was refused, when the reason is one that a user can act on."""
+    if exc.status_code == 403 and "protection" in first_line(exc).lower():
+        until = getattr(deleted, "scheduled_purge_date", None) or "its scheduled purge date"
+        return Failure(
+            ExitStatus.PERMISSION,
+            f"the key '{name}' was deleted but cannot be purged: purge protection is on for {vault.label}",
+            f"it can be recovered until {until}, when the vault purges it; use another name until then, "
+            f"or get it back: {az_command(vault, 'recover', name)}{needs(vault, 'recover')}",
+        )
+    if exc.status_code == 409:  # Azure: "Key is currently being deleted." (ObjectIsBeingDeleted)
+        return Failure(
+            ExitStatus.SERVICE,
+            f"the key '{name}' is deleted, but {vault.label} refused to purge it yet: the deletion is still "
+            f"in progress ({first_line(exc)})",
+            f"purge it in a few seconds: {az_command(vault, 'purge', name)}",
+        )
+    return None
 
 
 BUSY_STATUSES = (429, 503)
@@ -1097,6 +1022,12 @@ BUSY_STATUSES = (429, 503)
 def busy_reason(exc: HttpResponseError, who: str = "the vault") -> str:
     what = "is throttling requests" if exc.status_code == 429 else "is unavailable"
     return f"{who} {what} (HTTP {exc.status_code})"
+
+
+def retry_after(exc: HttpResponseError, retry: int) -> int:
+    """The vault's Retry-After in seconds, at most 30; without one 1, 2, 4, 8, 16 s, as Microsoft advises."""
+    value = str(getattr(exc.response, "headers", {}).get("Retry-After", "")).strip()
+    return min(int(value), 30) if value.isdigit() else 2 ** (retry - 1)
 
 
 def permission_hint(vault: Vault, missing: str = "") -> str:
@@ -1123,28 +1054,6 @@ def permission_hint(vault: Vault, missing: str = "") -> str:
     )
 
 
-def az_vault_name(vault: Vault) -> str:
-    if vault.kind == "azure":
-        return vault.label
-    return vault.host.split(".")[0] if vault.host and not vault.is_loopback else "VAULT_NAME"
-
-
-def az_command(vault: Vault, verb: str, name: str, version: str = "") -> str:
-    """The Azure CLI command for verb on key name; for localvault, which az cannot reach, the SDK call."""
-    if vault.is_local:
-        calls = {
-            "recover": f"KeyClient.begin_recover_deleted_key('{name}')",
-            "purge": f"KeyClient.purge_deleted_key('{name}')",
-            "delete": f"KeyClient.begin_delete_key('{name}')",
-            "show": f"KeyClient.get_key('{name}')",
-            "set-attributes": f"KeyClient.update_key_properties('{name}', '{version}', enabled=False)",
-        }
-        return f"{calls[verb]} on {vault.url or 'localvault'}"
-    option = "--hsm-name" if vault.is_hsm else "--vault-name"
-    command = f"az keyvault key {verb} {option} {az_vault_name(vault)} --name {name}"
-    return command + (f" --version {version} --enabled false" if verb == "set-attributes" else "")
-
-
 def first_line(value: Any) -> str:
     """The first line of an error's message, or of a text; at most 300 characters."""
     if isinstance(value, KeyboardInterrupt):
@@ -1154,23 +1063,109 @@ def first_line(value: Any) -> str:
     return line if len(line) <= 300 else line[:300] + "..."
 
 
-def enum_text(value: Any) -> str:
-    return str(getattr(value, "value", value))
+# --- The exit statuses ---
 
 
-# --- Plumbing: Ctrl-C, the Azure SDK import, logging (--verbose), a closed stdout, the embedded localvault ---
+class ExitStatus(enum.IntEnum):
+    """The exit statuses; --help lists them from here."""
+
+    def __new__(cls, value: int, meaning: str) -> ExitStatus:
+        status = int.__new__(cls, value)
+        status._value_, status.meaning = value, meaning
+        return status
+
+    OK = 0, "success"
+    SERVICE = 1, "unexpected service error, or a purge refused while the vault still finishes the deletion"
+    USAGE = (
+        2,
+        "usage or input: bad option, name or URL, end of input, no Azure SDK or localvault, a remote "
+        "IDENTITY_ENDPOINT",
+    )
+    AUTH = 3, "authentication failed: no token (try `az login`, or localvault's latest export lines)"
+    PERMISSION = (
+        4,
+        "permission denied (also: versions not listable, so not deleted), purge protection, or --hsm on a "
+        "standard vault",
+    )
+    UNREACHABLE = 5, "vault not found or unreachable (DNS, connection, TLS, a missing LOCALVAULT_CA_FILE)"
+    CONFLICT = 6, "name conflict: a key or a deleted key has this name, or the key got another version"
+    BUSY = 7, "the vault kept throttling (429) or was unavailable (503), retries included: try again later"
+    INTERRUPTED = 130, "interrupted (Ctrl-C): the key this run created is deleted, or the output names it"
+    STDOUT_CLOSED = 141, "stdout closed early (e.g. `| head -1`): stopped quietly after the same cleanup"
+
+
+# --- How far the run has gone, and Ctrl-C ---
+
+
+class Stage(enum.Enum):
+    """How far the run has gone: what a failure leaves behind, and what the cleanup may do about it."""
+
+    CHECK = "nothing created yet"
+    CREATE = "create request sent, no answer yet"
+    CREATED = "key created; not (yet) known to hold only this run's version"
+    FOREIGN = "key holds versions that this run did not create: never deleted"
+    OWNED = "key holds only this run's version: the cleanup deletes it"
+    DELETE = "delete request sent, no answer yet"
+    DELETING = "delete request accepted; the vault finishes the deletion"
+    DELETED = "deletion finished"
+    PURGE = "purge request sent"
+    PURGED = "purged"
+    KEPT = "kept (--keep): the run sends nothing more"
+
+
+@dataclass
+class Run:
+    """How far this run has gone, and the key it created: what the cleanup works from."""
+
+    ctrl_c: CtrlC
+    last: Stage  # once there only printing is left: a Ctrl-C changes nothing then, and is ignored
+    stage: Stage = Stage.CHECK
+    key: Optional[KeyVaultKey] = None  # the key version that this run created
+    doubt: str = ""  # at Stage.CREATED: why the run cannot tell whether the key is its alone
+    before: Stage = Stage.CHECK  # the stage before the request in flight
+
+    def reach(self, stage: Stage) -> None:
+        self.stage = stage
+        if stage is self.last:
+            self.ctrl_c.settled = True
+
+    @contextlib.contextmanager
+    def sending(self, request: str, sent: Stage, done: Stage) -> Iterator[None]:
+        """Around a request that changes the vault: the stage is `sent` while it is in flight and `done` once it
+        is answered. A first Ctrl-C meanwhile lets the vault answer, so that the run knows what exists, then
+        stops the run."""
+        self.before = self.stage
+        with self.ctrl_c.finishing(request):
+            self.reach(sent)
+            yield
+            self.reach(done)
+
+    @contextlib.contextmanager
+    def waiting_to_retry(self) -> Iterator[None]:
+        """Inside sending, between a request that the vault refused, doing nothing, and its retry: the stage is
+        back to what it was, and a Ctrl-C, even one during the refused request, stops the run at once."""
+        sent, request = self.stage, self.ctrl_c.request
+        self.stage, self.ctrl_c.request = self.before, ""
+        if self.ctrl_c.count:
+            raise KeyboardInterrupt
+        yield
+        self.stage, self.ctrl_c.request = sent, request
 
 
 class CtrlC:
     """SIGINT. The first Ctrl-C while a request that changes the vault is in flight lets the vault answer it
-    (so that the run knows what exists), then stops the run; any other Ctrl-C stops the run at once."""
+    (so that the run knows what exists), then stops the run; any other Ctrl-C stops the run at once. Once the
+    run is over (settled), Ctrl-C is ignored: only printing what happened is left."""
 
     def __init__(self) -> None:
         self.count = 0
         self.request = ""  # the request in flight that a first Ctrl-C lets finish
         self.pending = False
+        self.settled = False
 
     def __call__(self, signum: int, frame: Any) -> None:
+        if self.settled:
+            return
         self.count += 1
         if self.count > 1 or not self.request:
             raise KeyboardInterrupt
@@ -1208,23 +1203,166 @@ def say_now(text: str) -> None:
         print(text, file=sys.stderr, flush=True)
 
 
-def import_azure_sdk() -> None:
-    """Import the Azure SDK, once every input has been checked: --help and input errors need none of it."""
-    global ClientAuthenticationError, HttpResponseError, IncompleteReadError, ResourceExistsError
-    global ResourceNotFoundError, ServiceRequestError, ServiceResponseError, RequestsTransport
-    global DefaultAzureCredential, ManagedIdentityCredential, KeyClient
-    from azure.core.exceptions import (
-        ClientAuthenticationError,
-        HttpResponseError,
-        IncompleteReadError,
-        ResourceExistsError,
-        ResourceNotFoundError,
-        ServiceRequestError,
-        ServiceResponseError,
+# --- The options, the name and the vault: all checked before the Azure SDK is imported ---
+
+
+KEY_NAME_RE = re.compile(r"[0-9a-zA-Z-]{1,127}")
+VAULT_NAME_RE = re.compile(r"[A-Za-z][A-Za-z0-9-]{1,22}[A-Za-z0-9]")
+URL_HINT = "give the vault's URL, like https://my-vault.vault.azure.net"
+LOCALVAULT_HINT = "run here the latest export lines that `python -m localvault` printed"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise Failure(ExitStatus.USAGE, message, "run `python kv_keys.py --help` for the options")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    codes = "".join(
+        "\n" + textwrap.fill(s.meaning, 104, initial_indent=f"  {s.value:<4} ", subsequent_indent=" " * 7)
+        for s in ExitStatus
     )
-    from azure.core.pipeline.transport import RequestsTransport
-    from azure.identity import DefaultAzureCredential, ManagedIdentityCredential
-    from azure.keyvault.keys import KeyClient
+    parser = _Parser(
+        prog="kv_keys.py",
+        description="Create an RSA or EC key in Azure Key Vault, retrieve it and delete it. With no vault "
+        "configured it uses localvault, an emulator started in this process: nothing leaves this machine.",
+        epilog=f"exit codes:{codes}\n\n"
+        "vault, in this order: --vault-url or KEY_VAULT_URL; KEY_VAULT_NAME; else the embedded localvault.\n"
+        "A key that this script did not create is never deleted; if another writer creates the same name\n"
+        "at the same moment, the version that this run added to it is reported, and left alone.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--vault-url", metavar="URL", help="full vault URL (default: $KEY_VAULT_URL)")
+    where.add_argument("--local", action="store_true", help="the embedded localvault, even with KEY_VAULT_*")
+    parser.add_argument("--name", help="key name, 1-127 letters, digits and hyphens (default: ask)")
+    parser.add_argument("--type", choices=["rsa", "ec"], default="rsa", help="key type (default: rsa)")
+    parser.add_argument("--size", type=int, choices=[2048, 3072, 4096], help="RSA key size (default: 2048)")
+    parser.add_argument(
+        "--curve", choices=["P-256", "P-384", "P-521", "P-256K"], help="EC curve (default: P-256)"
+    )
+    parser.add_argument("--hsm", action="store_true", help="HSM-protected key (Premium vault or Managed HSM)")
+    after = parser.add_mutually_exclusive_group()
+    after.add_argument("--purge", action="store_true", help="purge the key after deleting it: frees its name")
+    after.add_argument("--keep", action="store_true", help="keep the key: skip the deletion")
+    parser.add_argument("-v", "--verbose", action="store_true", help="HTTP log (tokens redacted), tracebacks")
+    return parser
+
+
+def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    args = build_parser().parse_args(argv)
+    if args.type == "rsa" and args.curve:
+        raise Failure(ExitStatus.USAGE, "--curve applies to EC keys only", "add --type ec, or drop --curve")
+    if args.type == "ec" and args.size:
+        raise Failure(
+            ExitStatus.USAGE, "--size applies to RSA keys only", "use --curve for EC keys, or drop --size"
+        )
+    if args.name is not None:
+        check_key_name(args.name)
+    return args
+
+
+def check_key_name(name: str, example: str = "") -> None:
+    if not KEY_NAME_RE.fullmatch(name):
+        shown = name if len(name) <= 40 else name[:40] + "..."
+        raise Failure(
+            ExitStatus.USAGE,
+            f"invalid key name {shown!r}: use 1 to 127 letters (a-z, A-Z), digits and hyphens",
+            f"for example {example or suggest_key_name()}",
+        )
+
+
+def check_vault_url(url: str, source: str) -> str:
+    """Return the URL normalised to https://host[:port], or raise a usage Failure."""
+    try:
+        parts = urlsplit(url.strip())
+        port = parts.port  # raises ValueError for a port that is not a number from 0 to 65535
+    except ValueError as exc:
+        problem = str(exc)
+    else:
+        if parts.scheme.lower() != "https" or not parts.hostname:
+            problem = "it must start with https://"
+        elif port == 0 or parts.netloc.endswith(":"):
+            problem = "the port is empty or 0"
+        elif parts.username or parts.password or parts.query or parts.fragment or parts.path not in ("", "/"):
+            problem = "it must be only https://host[:port]"
+        else:
+            return f"https://{parts.netloc.lower()}"
+    raise Failure(ExitStatus.USAGE, f"invalid vault URL {url!r} in {source}: {problem}", URL_HINT)
+
+
+def check_vault_name(name: str) -> None:
+    if not VAULT_NAME_RE.fullmatch(name) or "--" in name:
+        raise Failure(
+            ExitStatus.USAGE,
+            f"invalid vault name {name!r} in KEY_VAULT_NAME: a vault name has 3 to 24 letters, digits and "
+            "hyphens, starts with a letter, ends with a letter or digit, and has no '--'",
+            "set KEY_VAULT_NAME to the name shown by `az keyvault list --output table`, "
+            "or set KEY_VAULT_URL to the vault's full URL",
+        )
+
+
+def check_local_ca_file(environ: Any) -> Optional[str]:
+    """LOCALVAULT_CA_FILE, if set, must name a file: a stopped localvault removes its CA file."""
+    ca_file = environ.get("LOCALVAULT_CA_FILE", "").strip()
+    if ca_file and not os.path.isfile(ca_file):
+        raise Failure(
+            ExitStatus.UNREACHABLE,
+            f"cannot set up TLS: LOCALVAULT_CA_FILE names {ca_file}, which is not a file "
+            "(a localvault that has stopped removes its CA file)",
+            f"is localvault still running? Each start makes a new CA: {LOCALVAULT_HINT}",
+        )
+    return ca_file or None
+
+
+def check_identity_variables(vault: Vault, environ: Any, source: str) -> None:
+    """A loopback vault gets its tokens from localvault's IDENTITY_ENDPOINT, which must be on this machine too:
+    a real managed identity (an Azure VM, App Service) must never hand its token to a local port. Without the
+    variables ManagedIdentityCredential would probe the Azure VM metadata address."""
+    missing = [var for var in ("IDENTITY_ENDPOINT", "IDENTITY_HEADER") if not environ.get(var, "").strip()]
+    if missing:
+        raise Failure(
+            ExitStatus.AUTH,
+            f"no credential for {vault.url}: {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not set",
+            "start `python -m localvault` in another terminal and run here the export lines it prints, "
+            f"or {unset(source)} to use the embedded localvault",
+        )
+    endpoint = environ["IDENTITY_ENDPOINT"].strip()
+    if not is_loopback_host(host_of(endpoint)):
+        raise Failure(
+            ExitStatus.USAGE,
+            f"IDENTITY_ENDPOINT is {endpoint}, not on this machine, but the vault {vault.url} is: "
+            "refusing to send a managed-identity token from there to a local port",
+            "run here the export lines that `python -m localvault` prints (IDENTITY_ENDPOINT=http://127.0.0.1:...), "
+            f"or {unset(source)} to use the embedded localvault",
+        )
+
+
+def unset(source: str) -> str:
+    """How to stop giving the vault URL: the option, or the variable."""
+    return "drop --vault-url" if source.startswith("--") else f"unset {source}"
+
+
+def host_of(url: str) -> str:
+    try:
+        return urlsplit(url).hostname or ""
+    except ValueError:
+        return ""
+
+
+def is_loopback_host(host: str) -> bool:
+    """True for localhost, 127.0.0.0/8 and ::1: the only hosts that get localvault's relaxations."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    mapped = getattr(address, "ipv4_mapped", None)
+    return address.is_loopback or (mapped is not None and mapped.is_loopback)
+
+
+# --- Logging (--verbose), tokens redacted; a closed stdout ---
 
 
 class _Redact(logging.Filter):
@@ -1273,26 +1411,9 @@ def silence_stdout() -> None:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
-@contextlib.contextmanager
-def embedded_vault(why: str) -> Iterator[Vault]:
-    """Start localvault in this process; its managed-identity variables are set while it runs."""
-    from localvault import LocalVault
-
-    with LocalVault() as local:
-        print(
-            f"Using localvault, a Key Vault emulator started in this process on 127.0.0.1 ({why}): nothing leaves this machine."
-        )
-        saved = dict(os.environ)
-        os.environ.update(local.environ())  # azure-identity (msal) reads IDENTITY_* from os.environ
-        try:
-            yield Vault(
-                kind="embedded", url=local.url, label=f"localvault at {local.url}", ca_file=local.ca_file
-            )
-        finally:
-            os.environ.clear()
-            os.environ.update(saved)
-
-
 if __name__ == "__main__":
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]  # progress shows at once, even piped
+    # main() handles Ctrl-C while it runs. After it the run is over, and a late Ctrl-C must not turn the exit
+    # (where urllib3 closes its connections) into a traceback: ignored from the start, under main's handler.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     sys.exit(main())

@@ -17,7 +17,9 @@ and the vault process's resident memory (VmRSS from /proc/PID/status) at start, 
 the end; then each target with PASS or FAIL: no errors; no lost writes; memory growth under 10% from the
 end of the warm-up to the end; ``--data`` at most 2 times slower than in memory. ``--no-timing-targets``
 reports the last two without judging them. Exit status: 0 when every judged target passes, 1 when one
-fails, 2 for a usage error.
+fails, 2 for a usage error, 130 or 143 when stopped by Ctrl-C or SIGTERM (or 129 for SIGHUP). However it
+ends, short of SIGKILL, it stops the vault and the client processes and removes the ``--data`` run's
+directory first.
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ OPERATIONS = ("create", "get", "list", "update", "sign", "rotate", "delete", "re
 ACTIVE_WEIGHTS = {"get": 30, "sign": 15, "update": 12, "list": 8, "create": 6, "rotate": 6, "delete": 8}
 DELETED_WEIGHTS = {"recover": 3, "purge": 1}
 EXIT_OK, EXIT_FAILED = 0, 1
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
 
 
 @dataclass
@@ -300,6 +303,7 @@ def describe(exc: BaseException) -> str:
 
 def worker(index: int, tasks, results, served, measured_from) -> None:
     """A client process: for each run, build its client, say it is ready, soak from the time given."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C reaches the whole group: the parent stops it
     while True:
         task = tasks.get()
         if task is None:
@@ -335,7 +339,11 @@ class Vault:
         stderr = tempfile.TemporaryFile("w+")  # noqa: SIM115 - read and closed by stop()
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, text=True, env=env)
         assert process.stdout is not None
-        exports = read_exports(process.stdout)
+        try:
+            exports = read_exports(process.stdout)
+        except BaseException:
+            cls(process, {}, stderr).stop()
+            raise
         if "LOCALVAULT_URL" not in exports:
             process.wait(timeout=30)
             stderr.seek(0)
@@ -345,7 +353,12 @@ class Vault:
     def stop(self) -> List[str]:
         """Stop it; what went wrong in it: a non-zero exit, and every traceback it printed."""
         self.process.send_signal(signal.SIGTERM)
-        code = self.process.wait(timeout=60)
+        try:
+            code = self.process.wait(timeout=60)
+        except BaseException:  # it does not stop, or this stop is interrupted: it must not outlive the soak
+            self.process.kill()
+            self.process.wait()
+            raise
         self.stderr.seek(0)
         printed = self.stderr.read()
         self.stderr.close()
@@ -438,6 +451,7 @@ def soak(label: str, data_dir: Optional[str], pool: Pool, args) -> Run:
         run.memory["start"] = memory_kib(pid)
         start_at = time.time() + 0.2
         pool.send(start_at)
+        print(f"{label} run: {len(pool.tasks)} clients soaking the vault", flush=True)
 
         def sample(until: Callable[[], bool]) -> None:
             while not until():
@@ -520,10 +534,19 @@ class Pool:
             got.append(payload)
         return got
 
-    def close(self) -> None:
-        self.send(None)
+    def close(self, at_once: bool = False) -> None:
+        """Stop the clients: once they have finished their run, or ``at_once``; then free the queues."""
+        if not at_once:
+            self.send(None)
+            for process in self.processes:
+                process.join(timeout=30)
         for process in self.processes:
-            process.join(timeout=30)
+            if process.is_alive():
+                process.terminate()
+            process.join()
+        for queue in (*self.tasks, self.results):
+            queue.close()
+            queue.cancel_join_thread()  # what a client left unread is of no use now
 
 
 def milliseconds(values: List[float], pct: float) -> str:
@@ -657,8 +680,31 @@ def main(argv: Optional[List[str]] = None) -> int:
         f"localvault soak: {args.clients} client processes; per run a warm-up of {args.warmup_requests} "
         f"requests, then {args.seconds:g} s measured, seed {args.seed}; {os.cpu_count()} cores, Python {sys.version.split()[0]}"
     )
+
+    def stop(signum: int, _frame: Any) -> None:
+        raise SystemExit(128 + signum)  # unwinds through every cleanup below
+
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, stop)
+    try:
+        return soak_all(runs_wanted, args)
+    except KeyboardInterrupt:
+        print("localvault_soak.py: stopped (Ctrl-C); the vault and the clients are stopped", file=sys.stderr)
+        return 130
+    except SystemExit as stopped:
+        if isinstance(stopped.code, int) and stopped.code > 128:
+            print(
+                f"localvault_soak.py: stopped (signal {stopped.code - 128}); the vault and the clients are "
+                "stopped",
+                file=sys.stderr,
+            )
+        raise
+
+
+def soak_all(runs_wanted: List[Tuple[str, bool]], args) -> int:
     pool = Pool(args.clients)
     runs = []
+    finished = False
     try:
         for label, with_data in runs_wanted:
             data_dir = (
@@ -674,8 +720,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             finally:
                 if data_dir:
                     shutil.rmtree(data_dir, ignore_errors=True)
+        finished = True
     finally:
-        pool.close()
+        pool.close(at_once=not finished)
     return EXIT_OK if report(runs, args) else EXIT_FAILED
 
 

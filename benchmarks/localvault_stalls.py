@@ -114,7 +114,9 @@ def key_client(url: str, ca_file: str):
     from azure.identity import DefaultAzureCredential
     from azure.keyvault.keys import KeyClient
 
-    return KeyClient(url, DefaultAzureCredential(), verify_challenge_resource=False, connection_verify=ca_file)
+    return KeyClient(
+        url, DefaultAzureCredential(), verify_challenge_resource=False, connection_verify=ca_file
+    )
 
 
 class Monitor:
@@ -169,7 +171,9 @@ def hold(connect: Callable[[], socket.socket], data: bytes, count: int, stop: th
         sock.close()
 
 
-def slow_readers(connect: Callable[[], socket.socket], request: bytes, count: int, stop: threading.Event) -> None:
+def slow_readers(
+    connect: Callable[[], socket.socket], request: bytes, count: int, stop: threading.Event
+) -> None:
     held = []
     for _ in range(count):
         with contextlib.suppress(OSError):
@@ -202,7 +206,9 @@ def measure_cpu(pid: int, client, count: int) -> float:  # type: ignore[no-untyp
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--connections", type=int, default=128)
     parser.add_argument("--cpu-requests", type=int, default=300)
@@ -217,7 +223,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     answer_dir = tempfile.mkdtemp(prefix="stalls-")
     try:
         os.environ.update(exports)
-        url, ca_file = exports["KEY_VAULT_URL"], exports["LOCALVAULT_CA_FILE"]
+        url, ca_file = exports["LOCALVAULT_URL"], exports["LOCALVAULT_CA_FILE"]
         port = urlsplit(url).port
         identity_port = urlsplit(exports["IDENTITY_ENDPOINT"]).port
         assert port and identity_port
@@ -290,9 +296,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         started = json.loads(minimal.stdout.readline())
         minimal_client = key_client(f"https://127.0.0.1:{started['port']}", started["ca_file"])
         minimal_cpu = measure_cpu(minimal.pid, minimal_client, args.cpu_requests)
+        ratio = f"{vault_cpu / minimal_cpu:.2f}x" if minimal_cpu else "not measurable (too few requests)"
         print(
             f"server CPU per get_key: localvault {vault_cpu * 1e3:.3f} ms, minimal TLS server "
-            f"{minimal_cpu * 1e3:.3f} ms, ratio {vault_cpu / minimal_cpu:.2f}x ({args.cpu_requests} requests)"
+            f"{minimal_cpu * 1e3:.3f} ms, ratio {ratio} ({args.cpu_requests} requests)"
         )
     finally:
         for process in (minimal, vault):

@@ -303,6 +303,9 @@ def main(argv: Optional[List[str]] = None, prog: Optional[str] = None) -> int:
         print(f"localvault: warning: {warning.message}", file=sys.stderr)
     try:
         vault.start()
+    except DataDirError as exc:  # e.g. another localvault took DIR since it was read
+        print(f"localvault: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except OSError as exc:
         if exc.errno == errno.EADDRINUSE:
             print(

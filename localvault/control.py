@@ -1,5 +1,5 @@
-"""What a test controls beyond the keys: faults, key permissions, the request log, the clock and reset,
-in-process (``Controls``, behind ``LocalVault``'s methods) and over the control API.
+"""What a test controls beyond the keys: faults, holds, key permissions, the request log, the clock and
+reset, in-process (``Controls``, behind ``LocalVault``'s methods) and over the control API.
 
 The control API lives on the vault's TLS port under ``/_localvault/``, which no Key Vault route uses.
 Every request to it needs the identity secret in ``X-IDENTITY-HEADER``; without it the answer is 401 and
@@ -27,7 +27,7 @@ from .exceptions import (
     Unauthorized,
     VaultError,
 )
-from .faults import FaultPlan, canonical_names
+from .faults import HOLD_TIMEOUT, FaultPlan, Holds, canonical_names
 from .http11 import CLIENT_GONE
 from .models import VAULT_LOCATION, KeyStore, add_duration, check_delay
 from .responses import json_object
@@ -119,6 +119,7 @@ class Controls:
         wait_idle: Callable[[float], bool],
     ) -> None:
         self.store, self.faults, self.log = store, faults, RequestLog()
+        self.holds = Holds()
         self._principal_id, self._secret = principal_id, secret.encode()
         self.key_permissions = check_permissions(key_permissions)
         self.wait_idle = wait_idle
@@ -148,8 +149,8 @@ class Controls:
         self.key_permissions = check_permissions(names)
 
     def reset(self) -> None:
-        """Keys, clock, request log, faults, delete delay and permissions back to how the vault started.
-        The clock goes first, its write before any change, so that a failure to write leaves everything
+        """Keys, clock, request log, faults, delete delay and permissions back to how the vault started,
+        and every hold released. The clock goes first, its write before any change, so that a failure to write leaves everything
         as it was; forgetting the keys only removes files."""
         rates, seed, operations, permissions, delay = self._start
         try:
@@ -168,6 +169,7 @@ class Controls:
             ) from None
         self.faults.clear()
         self.faults.configure(rates, seed, operations)
+        self.holds.release_all()
         self.store.set_delete_delay(delay)
         self.key_permissions = permissions
         self.log.clear()
@@ -304,6 +306,52 @@ def _wait_idle(call: Call) -> Answer:
     return 200, {"idle": idle}
 
 
+def _holds(controls: Controls) -> Dict[str, Any]:
+    return {"holds": controls.holds.describe()}
+
+
+def _get_holds(call: Call) -> Answer:
+    return 200, _holds(call.controls)
+
+
+def _post_holds(call: Call) -> Answer:
+    body = call.body
+    try:
+        hold = call.controls.holds.hold_next(
+            body.get("operation", ""), body.get("when", "before"), body.get("timeout", HOLD_TIMEOUT)
+        )
+    except ValueError as exc:
+        raise BadParameter(f"Invalid hold: {exc}.") from None
+    return 200, hold.describe()
+
+
+def _find_hold(call: Call) -> Any:
+    hold = call.controls.holds.find(call.body.get("id"))
+    if hold is None:
+        raise NotFound(f"No hold {str(call.body.get('id'))[:32]!r} is set: it was released, or never set.")
+    return hold
+
+
+def _delete_holds(call: Call) -> Answer:
+    if "id" in call.body:
+        _find_hold(call).release()
+    else:
+        call.controls.holds.release_all()
+    return 200, _holds(call.controls)
+
+
+def _wait_held(call: Call) -> Answer:
+    hold = _find_hold(call)
+    timeout = _number(call.body, "timeout", 10.0, 0.0, MAX_WAIT_IDLE)
+    server, connection = call.handler.server, call.handler.connection
+    server.wait_for_request(connection)  # not a request in flight, for wait-idle
+    try:
+        hold.wait(timeout)
+    finally:
+        server.request_arrived(connection)
+    return 200, hold.describe()
+
+
 def _get_requests(call: Call) -> Answer:
     return 200, {"requests": call.controls.log.entries()}
 
@@ -319,6 +367,8 @@ CONTROL_ROUTES: Dict[str, Dict[str, Callable[[Call], Answer]]] = {
     "faults": {"GET": _get_faults, "PUT": _put_faults, "DELETE": _delete_faults},
     "permissions": {"GET": _get_permissions, "PUT": _put_permissions},
     "wait-idle": {"POST": _wait_idle},
+    "holds": {"GET": _get_holds, "POST": _post_holds, "DELETE": _delete_holds},
+    "wait-held": {"POST": _wait_held},
     "requests": {"GET": _get_requests, "DELETE": _delete_requests},
 }
 _CONTROL_PATH = re.compile(rf"^{PREFIX}/(?P<name>[a-z-]+)/?$")

@@ -5,14 +5,19 @@ A fault is an HTTP status the service answers when it is overloaded or failing (
 Faults come at a rate (deterministic with a seed) or as "the next N requests", optionally only for
 some operations (keys.json operationIds such as ``CreateKey``). The "next N" faults come first; a
 request they take draws no random number, so a seeded sequence stays the same around them.
+
+A hold keeps the next request of one operation waiting, before the vault acts on it or once its answer
+is ready, until the test releases it: a test knows the request is in flight, and what it has changed.
 """
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import random
 import threading
 from dataclasses import dataclass, field
-from typing import Dict, FrozenSet, Iterable, List, Optional
+from typing import Dict, FrozenSet, Iterable, Iterator, List, Optional
 
 from .exceptions import InternalServerError, ServiceUnavailable, Throttled
 from .urls import ROUTES
@@ -20,6 +25,9 @@ from .urls import ROUTES
 DROP = "drop"
 KINDS = ("429", "500", "503", DROP)
 MAX_NEXT = 1_000_000
+HOLD_WHEN = ("before", "after")
+HOLD_TIMEOUT = 120.0  # a held request goes on by itself after this many seconds, so none is held forever
+MAX_HOLD_TIMEOUT = 3600.0
 # keys.json operationIds, by lower-case name, so that a filter may be given in any case.
 OPERATIONS = {route.operation.lower(): route.operation for route in ROUTES}
 
@@ -190,3 +198,101 @@ class FaultPlan:
                     return kind
                 draw -= rate
             return None
+
+
+class Hold:
+    """The next request of ``operation``, held ``before`` the vault acts on it (nothing has changed yet) or
+    ``after`` (it has changed what it changes and its answer waits) until ``release()``, or for ``timeout``
+    seconds at most. Leaving a ``with`` block releases it."""
+
+    def __init__(self, number: int, operation: str, when: str, timeout: float) -> None:
+        self.id, self.operation, self.when, self.timeout = number, operation, when, timeout
+        self._reached, self._released = threading.Event(), threading.Event()
+        self._taken = False  # by a request, under Holds' lock
+
+    @property
+    def held(self) -> bool:
+        """Whether a request is held now."""
+        return self._reached.is_set() and not self._released.is_set()
+
+    @property
+    def reached(self) -> bool:
+        """Whether a request has come to the hold (and may have gone on since)."""
+        return self._reached.is_set()
+
+    def wait(self, timeout: float = 60.0) -> bool:
+        """Wait until a request is held; False if ``timeout`` seconds pass first."""
+        return self._reached.wait(timeout)
+
+    def release(self) -> None:
+        """Let the held request go on; a hold no request has reached yet is cancelled."""
+        self._released.set()
+
+    def __enter__(self) -> Hold:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def describe(self) -> Dict[str, object]:
+        return {"id": self.id, "operation": self.operation, "when": self.when, "held": self.held}
+
+    def _hold(self) -> None:
+        self._reached.set()
+        self._released.wait(self.timeout)
+
+
+class Holds:
+    """The holds set and not yet released, in the order set; thread-safe. Each request takes at most one:
+    the first set for its operation."""
+
+    def __init__(self) -> None:
+        self._holds: List[Hold] = []
+        self._numbers = itertools.count(1)
+        self._lock = threading.Lock()
+
+    def hold_next(self, operation: str, when: str = "before", timeout: float = HOLD_TIMEOUT) -> Hold:
+        (chosen,) = canonical_names([operation], OPERATIONS, "operation")
+        if when not in HOLD_WHEN:
+            raise ValueError(f"'when' must be {' or '.join(HOLD_WHEN)}")
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= MAX_HOLD_TIMEOUT:
+            raise ValueError(f"the timeout must be a number of seconds above 0 and at most {MAX_HOLD_TIMEOUT:g}")
+        with self._lock:
+            hold = Hold(next(self._numbers), chosen, when, float(timeout))
+            self._holds.append(hold)
+        return hold
+
+    def find(self, number: object) -> Optional[Hold]:
+        with self._lock:
+            return next((hold for hold in self._holds if hold.id == number), None)
+
+    def release_all(self) -> None:
+        with self._lock:
+            holds, self._holds = self._holds, []
+        for hold in holds:
+            hold.release()
+
+    def describe(self) -> List[Dict[str, object]]:
+        with self._lock:
+            self._forget_released()
+            return [hold.describe() for hold in self._holds]
+
+    @contextlib.contextmanager
+    def around(self, operation: str) -> Iterator[None]:
+        """Serve one request of ``operation`` inside this block, held at its start or at its end if a hold
+        takes it; at its end even when it fails, since its answer is then the error."""
+        with self._lock:
+            self._forget_released()
+            hold = next((h for h in self._holds if h.operation == operation and not h._taken), None)
+            if hold is not None:
+                hold._taken = True
+        if hold is not None and hold.when == "before":
+            hold._hold()
+        try:
+            yield
+        finally:
+            if hold is not None and hold.when == "after":
+                hold._hold()
+
+    def _forget_released(self) -> None:
+        self._holds = [hold for hold in self._holds if not hold._released.is_set()]

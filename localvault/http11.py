@@ -186,6 +186,8 @@ class Server(ThreadingHTTPServer):
         self._states: Dict[socket.socket, Tuple[str, float]] = {}
         self._evicted: Set[socket.socket] = set()
         self._activity = threading.Condition()
+        self._spawning = threading.Lock()
+        self._spawning_closed = False
         # Unbound, the server only serves connections handed to finish_request() by their owner.
         super().__init__(address, handler, bind_and_activate=bind)
 
@@ -196,6 +198,11 @@ class Server(ThreadingHTTPServer):
                 return False
             (self._connections.add if active else self._connections.discard)(sock)
             return True
+
+    def server_close(self) -> None:
+        with self._spawning:
+            self._spawning_closed = True
+        super().server_close()
 
     def close_connections(self) -> None:
         with self._connections_lock:
@@ -211,7 +218,14 @@ class Server(ThreadingHTTPServer):
             self.shutdown_request(request)
             return
         try:
-            super().process_request(request, client_address)
+            # socketserver appends a thread before starting it; server_close() must never meet one unstarted
+            # (another thread, the proxy, hands connections to this server while it may be closing).
+            with self._spawning:
+                if self._spawning_closed:
+                    self.forget(request)
+                    self.shutdown_request(request)
+                    return
+                super().process_request(request, client_address)
         except BaseException:
             self.forget(request)
             raise

@@ -101,6 +101,8 @@ class KeyVersion:
     exp: Optional[int] = None
     tags: Optional[Dict[str, str]] = None
     jwk: Dict[str, str] = field(default_factory=dict, repr=False)
+    # Its JSON as backups and the data directory hold it, made once (see record_json); replace() drops it.
+    stored: Optional[str] = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.jwk:
@@ -822,8 +824,8 @@ class KeyStore(WriteOrdering):
                     f"Key {record.name} has {len(record.versions)} versions; a backup holds at most "
                     f"{MAX_BACKUP_VERSIONS}, as in Key Vault."
                 )
-            payload = {"vault": self._kind, "key": record_to_dict(record)}
-        packed = zlib.compress(json.dumps(payload, separators=(",", ":")).encode(), 6)
+            payload = f'{{"vault":"{self._kind}","key":{record_json(record)}}}'
+        packed = zlib.compress(payload.encode(), 6)
         nonce = os.urandom(12)
         blob = _BACKUP_MAGIC + nonce + self._aead.encrypt(nonce, packed, _BACKUP_MAGIC)
         encoded = -(-len(blob) * 4 // 3)  # its base64url in a restore's body
@@ -901,23 +903,40 @@ class KeyStore(WriteOrdering):
 def record_to_dict(record: KeyRecord) -> Dict[str, Any]:
     """A key with all its versions, private parts included, and its rotation policy, as JSON data;
     for sealed backups and the data directory."""
-    versions = [
-        {
-            "version": v.version,
-            "kty": v.kty,
-            **_sealed_key_material(v.private_key),
-            "key_ops": v.key_ops,
-            "enabled": v.enabled,
-            "created": v.created,
-            "updated": v.updated,
-            "nbf": v.nbf,
-            "exp": v.exp,
-            "tags": v.tags,
-        }
-        for v in record.versions.values()
-    ]
+    return json.loads(record_json(record))
+
+
+def record_json(record: KeyRecord, **members: Any) -> str:
+    """record_to_dict's data as compact JSON, with ``members`` added. Each version's part is made once and
+    kept on it (versions never change), so writing a key with thousands of versions joins strings rather
+    than serialising every private key again."""
     policy = None if record.policy is None else asdict(record.policy)
-    return {"name": record.name, "latest": record.latest, "versions": versions, "policy": policy}
+    head = json.dumps({"name": record.name, "latest": record.latest, "policy": policy, **members}, **_COMPACT)
+    versions = ",".join(_version_json(v) for v in record.versions.values())
+    return f'{head[:-1]},"versions":[{versions}]}}'
+
+
+_COMPACT: Dict[str, Any] = {"separators": (",", ":")}
+
+
+def _version_json(v: KeyVersion) -> str:
+    if v.stored is None:
+        v.stored = json.dumps(
+            {
+                "version": v.version,
+                "kty": v.kty,
+                **_sealed_key_material(v.private_key),
+                "key_ops": v.key_ops,
+                "enabled": v.enabled,
+                "created": v.created,
+                "updated": v.updated,
+                "nbf": v.nbf,
+                "exp": v.exp,
+                "tags": v.tags,
+            },
+            **_COMPACT,
+        )
+    return v.stored
 
 
 class CorruptRecord(ValueError):
@@ -941,12 +960,13 @@ def _member(data: Dict[str, Any], key: str, path: str, ok: Any, what: str, optio
     return value
 
 
-def _is_int(value: Any) -> bool:
+def is_integer(value: Any) -> bool:
+    """An int that is not a bool (JSON's true is not 1)."""
     return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _is_stamp(value: Any) -> bool:
-    return _is_int(value) and 0 <= value <= MAX_CLOCK
+    return is_integer(value) and 0 <= value <= MAX_CLOCK
 
 
 def _is_duration(value: Any) -> bool:
@@ -993,13 +1013,15 @@ def record_from_dict(data: Dict[str, Any]) -> KeyRecord:
         if version.version in record.versions:
             raise CorruptRecord(f"versions[{index}].version", "repeats another version's")
         record.versions[version.version] = version
-    record.latest = _member(data, "latest", "", lambda v: v in record.versions, "one of the versions")
+    record.latest = _member(
+        data, "latest", "", lambda v: isinstance(v, str) and v in record.versions, "one of the versions"
+    )
     return record
 
 
 def _version_from_dict(data: Any, name: str, path: str) -> KeyVersion:
     _only(data, _VERSION_MEMBERS, path)
-    kty = _member(data, "kty", path, lambda v: v in KEY_TYPES, "a key type")
+    kty = _member(data, "kty", path, lambda v: isinstance(v, str) and v in KEY_TYPES, "a key type")
     family = KEY_TYPES[kty]
     material = "oct" if family == "oct" else "pkcs8"
     if ("oct" if material == "pkcs8" else "pkcs8") in data:
@@ -1027,8 +1049,8 @@ def _version_from_dict(data: Any, name: str, path: str) -> KeyVersion:
         enabled=_member(data, "enabled", path, lambda v: isinstance(v, bool), "true or false"),
         created=_member(data, "created", path, _is_stamp, "a date"),
         updated=_member(data, "updated", path, _is_stamp, "a date"),
-        nbf=_member(data, "nbf", path, _is_int, "a date", optional=True),
-        exp=_member(data, "exp", path, _is_int, "a date", optional=True),
+        nbf=_member(data, "nbf", path, is_integer, "a date", optional=True),
+        exp=_member(data, "exp", path, is_integer, "a date", optional=True),
         tags=None if tags is None else dict(tags),
     )
 

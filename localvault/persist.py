@@ -8,11 +8,14 @@ Layout of DIR (created 0700; every file 0600)::
     clock.json        the clock's offset
     keys/<name>.json  one key: all its versions with their private parts, its rotation policy, and
                       whether it is deleted (sealed)
-    lock              held (flock) while a vault uses DIR
+    lock              held (flock) while a vault uses DIR: from LocalVault.start() to stop()
 
 With ``LOCALVAULT_DATA_KEY`` set when DIR is created, "sealed" files are AES-256-GCM encrypted with a
 key derived from it by scrypt (salt in localvault.json), each bound to its own file name. Without it
-they are plain JSON.
+they are plain JSON. Key names are not secret (they are in every key id and URL): file names show them.
+
+At each start every member of every file is checked before anything is served, the KDF's parameters
+before it runs; a bad one is a DataDirError naming the file and the member. DIR holds no symbolic links.
 
 Each change rewrites only the file it concerns: a temporary file is written and fsynced, renamed over
 the old one, and the directory fsynced, before the store's method returns, so before any answer. The
@@ -45,8 +48,9 @@ from .models import (
     KeyRecord,
     KeyStore,
     deleted_from_dict,
+    is_integer,
     record_from_dict,
-    record_to_dict,
+    record_json,
 )
 from .tokens import TokenIssuer
 
@@ -91,16 +95,12 @@ def _unb64(text: str) -> bytes:
     return base64.b64decode(text.encode(), validate=True)
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _bounded(most: int) -> Callable[[Any], bool]:
-    return lambda value: _is_int(value) and 1 <= value <= most
+    return lambda value: is_integer(value) and 1 <= value <= most
 
 
 def _scrypt_n(value: Any) -> bool:
-    return _is_int(value) and 2 <= value <= MAX_SCRYPT["n"] and value & (value - 1) == 0
+    return is_integer(value) and 2 <= value <= MAX_SCRYPT["n"] and value & (value - 1) == 0
 
 
 def _bytes_of(text: Any, least: int, most: int) -> bool:
@@ -245,7 +245,7 @@ class DataDir:
 
     def _open_existing(self, passphrase: Optional[str]) -> None:
         meta = self._read_json(META, sealed=False)
-        if not (_is_int(meta.get("format")) and meta["format"] == FORMAT):
+        if not (is_integer(meta.get("format")) and meta["format"] == FORMAT):
             raise DataDirError(f"{self._file(META)} is of an unknown format; this localvault cannot use it.")
         encrypted = self._field(META, meta, "encrypted", lambda v: isinstance(v, bool), "true or false")
         if encrypted:
@@ -292,7 +292,7 @@ class DataDir:
             SECRETS, data, "identity_secret", _secret_text, "16 to 256 visible ASCII characters"
         )
         self.token_key = _unb64(
-            self._field(SECRETS, data, "token_key", lambda v: _bytes_of(v, 32, 64), "32 bytes")
+            self._field(SECRETS, data, "token_key", lambda v: _bytes_of(v, 32, 32), "32 bytes")
         )
         self.principal_id = self._field(SECRETS, data, "principal_id", _is_uuid, "a UUID")
         self.backup_key = _unb64(
@@ -462,10 +462,12 @@ class DataDir:
         if record is None:
             self._remove(relative)
             return
-        data = record_to_dict(record)
-        if deleted is not None:
-            data["deleted"] = {"date": deleted.deleted_date, "purge": deleted.scheduled_purge_date}
-        self._write(relative, self._seal(json.dumps(data, separators=(",", ":")).encode(), relative))
+        gone = (
+            {}
+            if deleted is None
+            else {"deleted": {"date": deleted.deleted_date, "purge": deleted.scheduled_purge_date}}
+        )
+        self._write(relative, self._seal(record_json(record, **gone).encode(), relative))
 
     def save_clock(self, offset: float) -> None:
         self._write(CLOCK, json.dumps({"offset": offset}).encode())

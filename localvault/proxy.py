@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Dict, Iterable, NamedTuple, Optional, Tup
 
 from .exceptions import VaultError
 from .http11 import LINGER_TIMEOUT, MAX_CONNECTIONS, Handler, Server, log, split_target
+from .persist import DataDirError
 from .server import VaultServer
 from .tokens import TENANT_ID, TokenIssuer
 
@@ -43,8 +44,13 @@ CERTIFICATE_NAMES = tuple(f"*.{suffix}" for suffix in KEY_VAULT_SUFFIXES + MANAG
 # no hyphen last, no two in a row.
 _VAULT_NAME = re.compile(r"(?!.*--)[a-z][a-z0-9-]{1,22}[a-z0-9]")
 _HOST = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,62}[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]{0,62}[a-z0-9])?)*")
+MAX_VAULTS = 1024  # names served at once: each is a vault in memory (and a directory with --data)
 CONNECT_TIMEOUT = 10.0  # to reach a tunnelled host
 TUNNEL_IDLE_TIMEOUT = 600.0  # a tunnel with no byte either way for this long is closed
+
+
+class TooManyVaults(Exception):
+    """The proxy serves MAX_VAULTS names already; a new one is refused."""
 
 
 class VaultHost(NamedTuple):
@@ -111,8 +117,10 @@ class ProxyServer(Server):
         found = vault_host(host)
         allowed = self.vault.allowed_vaults
         if found is not None and port == 443 and (allowed is None or found.name in allowed):
-            server = self.vault._proxied(found, {})._vault_server
-            return "serve", server
+            try:
+                return "serve", self.vault._proxied(found, {})._vault_server
+            except (TooManyVaults, DataDirError) as exc:  # a full proxy; a data directory it cannot use
+                return "refuse", (502, str(exc).splitlines()[0][:500])
         if found is not None or is_vault_suffix(host):
             served = "" if allowed is None else f"; it serves only {', '.join(allowed)} (--vault)"
             return "refuse", (502, f"localvault serves no vault at {host}:{port}{served}.")

@@ -212,7 +212,8 @@ class VaultHandler(Handler):
         request = Request(
             self.server.store, self.server.base_url, split.path.rstrip("/"), api_version, query, body
         )
-        return route.handler(request, **params)
+        with self.server.controls.holds.around(route.operation):
+            return route.handler(request, **params)
 
     def _authenticate(self, headers: Dict[str, str]) -> None:
         managed_hsm = self.server.store.managed_hsm

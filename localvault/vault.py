@@ -15,7 +15,7 @@ from typing import Any, Dict, Iterable, List, Optional
 from . import proxy, tls
 from .clock import Clock
 from .control import KEY_PERMISSIONS, Controls
-from .faults import FaultPlan
+from .faults import HOLD_TIMEOUT, FaultPlan, Hold
 from .models import KeyStore
 from .persist import DATA_KEY_VARIABLE, DataDir, DataDirError, PersistedClock
 from .proxy import ProxyServer
@@ -23,6 +23,7 @@ from .server import MAX_CONNECTIONS, IdentityServer, VaultServer
 from .tokens import MANAGED_HSM_RESOURCE, VAULT_RESOURCE, TokenIssuer
 
 LOOPBACK = "127.0.0.1"
+
 POLL_INTERVAL = 0.02  # how quickly stop() is noticed
 
 
@@ -61,8 +62,8 @@ class LocalVault:
     keys, the clock, the CA, the identity secret and the token-signing and backup-sealing keys.
     Its secrets are encrypted with a key derived from ``data_key`` (by default the environment
     variable LOCALVAULT_DATA_KEY) when the directory is created with one. A directory that cannot be
-    used raises ``DataDirError`` with the reason. ``stop()`` releases the directory; ``start()``
-    again reads it anew.
+    used raises ``DataDirError`` with the reason. The directory is locked from ``start()`` to ``stop()``
+    only; ``start()`` reads it anew.
     """
 
     def __init__(
@@ -122,6 +123,7 @@ class LocalVault:
         if self._data is not None:
             self._data_secrets = self._data.secrets()
             self._data.attach(self.store)
+            self._close_data()  # checked; a vault never started holds no lock: start() reads DIR again
         self.faults = FaultPlan(dict(faults or {}), fault_seed, fault_operations)  # type: ignore[arg-type]
         self.controls = Controls(
             self.store,
@@ -150,6 +152,7 @@ class LocalVault:
             sku=sku,
         )
         self._children: Dict[str, LocalVault] = {}
+        self._making: Dict[str, threading.Event] = {}  # hosts whose vault a request is making now
         self._children_lock = threading.Lock()
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -172,6 +175,8 @@ class LocalVault:
                 files = tls.generate(self._dir, _extra_ips(self.host), authority, ca_file, dns_names=names)
             self.ca_file = files.ca_file
             self.trust_bundle = tls.write_bundle(os.path.join(self._dir, "trust.pem"), self.ca_file)
+            self.azure_config_dir = os.path.join(self._dir, "azure")
+            os.mkdir(self.azure_config_dir, 0o700)
             self._context = tls.server_context(files)
             self._identity_server = IdentityServer(
                 (LOOPBACK, self._identity_port), self.issuer, self._identity_secret, self.max_connections
@@ -209,6 +214,7 @@ class LocalVault:
 
     def stop(self) -> None:
         """Stop serving, close every connection, join every thread and remove the certificate files."""
+        self.controls.holds.release_all()
         with self._children_lock:
             children = list(self._children.values())
             self._children.clear()
@@ -249,19 +255,47 @@ class LocalVault:
     def _proxied(self, found: proxy.VaultHost, options: Dict[str, Any]) -> LocalVault:
         if self._parent is not None or self._proxy_server is None:
             raise RuntimeError("LocalVault is not started")
+        while True:
+            with self._children_lock:
+                child = self._children.get(found.host)
+                if child is not None:
+                    if options:
+                        raise ValueError(f"{found.host} is served already; options apply only to a new vault")
+                    return child
+                making = self._making.get(found.host)
+                if making is None:
+                    if len(self._children) + len(self._making) >= proxy.MAX_VAULTS:
+                        raise proxy.TooManyVaults(
+                            f"localvault serves at most {proxy.MAX_VAULTS:,} vault names at once, and serves "
+                            f"that many; {found.host} is not one of them."
+                        )
+                    making = self._making[found.host] = threading.Event()
+                    break
+            making.wait()  # another request is making this vault; then take it, or try again
+        # Made outside the lock (a data directory's key derivation takes a tenth of a second), so that
+        # requests to other vaults never wait for it.
+        try:
+            settings = dict(self._options, **options)
+            if self.data_dir is not None:
+                settings.setdefault("data_dir", os.path.join(self.data_dir, "vaults", found.host))
+                settings.setdefault("data_key", self._data_key)
+            child = LocalVault(managed_hsm=found.managed_hsm, _parent=self, _host=found.host, **settings)
+            child.start()
+        except BaseException:
+            with self._children_lock:
+                del self._making[found.host]
+            making.set()
+            raise
         with self._children_lock:
-            child = self._children.get(found.host)
-            if child is None:
-                settings = dict(self._options, **options)
-                if self.data_dir is not None:
-                    settings.setdefault("data_dir", os.path.join(self.data_dir, "vaults", found.host))
-                    settings.setdefault("data_key", self._data_key)
-                child = LocalVault(managed_hsm=found.managed_hsm, _parent=self, _host=found.host, **settings)
-                child.start()
+            del self._making[found.host]
+            stopped = self._proxy_server is None
+            if not stopped:
                 self._children[found.host] = child
-            elif options:
-                raise ValueError(f"{found.host} is served already; options apply only to a new vault")
-            return child
+        making.set()
+        if stopped:
+            child.stop()
+            raise RuntimeError("LocalVault is not started")
+        return child
 
     def forget(self, vault: LocalVault) -> None:
         """Stop a vault the proxy serves and forget it: its name is a new, empty vault on next use (its
@@ -332,6 +366,13 @@ class LocalVault:
     def clear_faults(self) -> None:
         """No injected failures: no rates and no pending ``fail_next``."""
         self.faults.clear()
+
+    def hold_next(self, operation: str, when: str = "before", timeout: float = HOLD_TIMEOUT) -> Hold:
+        """Hold the next request of ``operation`` (a keys.json operationId, any case) ``before`` the vault
+        acts on it or ``after`` (changed, its answer not sent), until the returned hold's ``release()``,
+        the end of a ``with`` block on it, ``reset()``, or ``timeout`` seconds. ``hold.wait()`` waits
+        until a request is held. Other requests go on meanwhile."""
+        return self.controls.holds.hold_next(operation, when, timeout)
 
     @property
     def key_permissions(self) -> List[str]:
@@ -448,6 +489,9 @@ class LocalVault:
             "NODE_EXTRA_CA_CERTS": owner.ca_file,
             "IDENTITY_ENDPOINT": owner.identity_endpoint,
             "IDENTITY_HEADER": owner._identity_secret,
+            # The Azure CLI's login for this vault, apart from yours: `az login --identity` here
+            # replaces nothing in ~/.azure, and no real login is found by DefaultAzureCredential.
+            "AZURE_CONFIG_DIR": owner.azure_config_dir,
             "LOCALVAULT_URL": owner.url,
             "LOCALVAULT_CA_FILE": owner.ca_file,
             "KEY_VAULT_URL": self.url,

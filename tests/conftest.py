@@ -4,7 +4,6 @@ helpers.py."""
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
 import subprocess
@@ -20,9 +19,9 @@ from helpers import (
     EXPORTED_NAMES,
     REPO,
     VAULT,
-    VAULT_VARIABLE_PREFIXES,
     FakePoller,
     RawVault,
+    environ_without_vaults,
     fake_key,
     is_loopback,
     not_found,
@@ -67,15 +66,7 @@ def raw(localvault: Any) -> Iterator[RawVault]:
 def clean_env() -> Dict[str, str]:
     """A copy of os.environ without vault, identity, Azure, proxy or CA-bundle variables, with DefaultAzureCredential kept to
     developer tools (AZURE_TOKEN_CREDENTIALS=dev): for a subprocess, or for this process through use_env()."""
-    env = {
-        name: value
-        for name, value in os.environ.items()
-        if not name.upper().startswith(VAULT_VARIABLE_PREFIXES)
-        and not name.upper().endswith("_PROXY")
-        and name not in EXPORTED_NAMES
-    }
-    env["AZURE_TOKEN_CREDENTIALS"] = "dev"
-    return env
+    return dict(environ_without_vaults(), AZURE_TOKEN_CREDENTIALS="dev")
 
 
 @pytest.fixture

@@ -29,6 +29,7 @@ EXPORTED_NAMES = (
     "NODE_EXTRA_CA_CERTS",
     "IDENTITY_ENDPOINT",
     "IDENTITY_HEADER",
+    "AZURE_CONFIG_DIR",
     "LOCALVAULT_URL",
     "LOCALVAULT_CA_FILE",
 )
@@ -78,6 +79,18 @@ def error_of(response: requests.Response) -> dict:
     return body["error"]
 
 
+def control(vault: Any, method: str, name: str, secret: Any = True, **kwargs: Any) -> requests.Response:
+    """A control API request, with the vault's identity secret unless ``secret`` says otherwise."""
+    headers = kwargs.pop("headers", {})
+    if secret is True:
+        headers["X-IDENTITY-HEADER"] = vault.environ()["IDENTITY_HEADER"]
+    elif secret is not None:
+        headers["X-IDENTITY-HEADER"] = secret
+    return requests.request(
+        method, f"{vault.url}/_localvault/{name}", headers=headers, verify=vault.ca_file, timeout=30, **kwargs
+    )
+
+
 # --------------------------------------------------------------------------------------------------------
 # kv_keys.py: its environment and its report
 # --------------------------------------------------------------------------------------------------------
@@ -86,6 +99,17 @@ REPO = Path(__file__).resolve().parent.parent
 KV_KEYS = str(REPO / "kv_keys.py")
 # Variables that choose a vault or a credential; kv_keys tests start without any of them.
 VAULT_VARIABLE_PREFIXES = ("KEY_VAULT_", "IDENTITY_", "LOCALVAULT_", "AZURE_", "MSI_", "IMDS_")
+
+
+def environ_without_vaults() -> Dict[str, str]:
+    """os.environ without anything that chooses a vault, a credential, a proxy or a CA bundle."""
+    return {
+        name: value
+        for name, value in os.environ.items()
+        if not name.upper().startswith(VAULT_VARIABLE_PREFIXES)
+        and not name.upper().endswith("_PROXY")
+        and name not in EXPORTED_NAMES
+    }
 
 
 def use_env(monkeypatch: pytest.MonkeyPatch, env: Dict[str, str]) -> None:

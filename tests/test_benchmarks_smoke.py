@@ -4,8 +4,11 @@ asserted here; the figures belong to the benchmarks themselves."""
 from __future__ import annotations
 
 import importlib.util
+import os
+import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -80,3 +83,75 @@ def test_the_proxy_benchmark_runs_both_modes() -> None:
                 line.split(":")[0].split() == [*operation.split(), mode] for line in done.stdout.splitlines()
             )
         assert f"{operation} direct/proxy throughput: " in done.stdout
+
+
+def test_the_scale_benchmark_runs_and_prints_each_figure() -> None:
+    command = [sys.executable, str(ROOT / "benchmarks" / "localvault_scale.py")]
+    command += ["--small", "2", "--large", "30", "--list-sizes", "5,30", "--requests", "5", "--rounds", "1"]
+    command += ["--versions", "2,20", "--writes", "2"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=180, cwd=ROOT)
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = done.stdout.splitlines()
+    for count in (2, 30):
+        assert any(line.startswith(f"get_key at {count} keys: p50 ") for line in lines), done.stdout
+    for count in (5, 30):
+        assert any(line.startswith(f"listing {count} keys: ") for line in lines), done.stdout
+    for count in (2, 20):
+        assert any(line.startswith(f"update_key_properties on a key of {count} versions") for line in lines)
+    verdicts = [line for line in lines if "(target at most 1.2x: " in line]
+    assert len(verdicts) == 3, done.stdout
+    assert any(line.startswith("a write at 20 versions against 2: ") for line in lines), done.stdout
+
+
+def test_the_scale_benchmark_refuses_a_bad_size_in_one_line() -> None:
+    script = str(ROOT / "benchmarks" / "localvault_scale.py")
+    done = subprocess.run([sys.executable, script, "--list-sizes", "10,x"], capture_output=True, text=True)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert (
+        done.stderr.strip().splitlines()[-1].startswith("localvault_scale.py: error: argument --list-sizes")
+    )
+
+
+def test_the_stall_benchmark_runs_every_phase() -> None:
+    command = [sys.executable, str(ROOT / "benchmarks" / "localvault_stalls.py")]
+    command += ["--seconds", "0.3", "--connections", "2", "--cpu-requests", "30"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stdout + done.stderr
+    for phase in ("at rest", "65 KB line", "slowloris", "buffered", "slow reader"):
+        assert phase in done.stdout, done.stdout
+    assert "server CPU per get_key" in done.stdout, done.stdout
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_the_soak_stopped_midway_leaves_nothing_behind(tmp_path: Path, signum: int, code: int) -> None:
+    # Its own temporary directory, so that the vault's certificates, the --data directory and anything else
+    # it makes are seen; stopped while its clients soak the vault.
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    command = [sys.executable, str(SOAK), "--clients", "2", "--seconds", "600", "--warmup-requests", "20"]
+    process = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+        env=dict(os.environ, TMPDIR=str(temp)),
+    )
+    watchdog = threading.Timer(240, process.kill)
+    watchdog.start()
+    try:
+        assert process.stdout is not None
+        for line in process.stdout:
+            if line.startswith("in memory run: "):
+                break
+        assert list(temp.iterdir()), "the vault made no temporary directory"
+        process.send_signal(signum)
+        _, err = process.communicate(timeout=120)
+    finally:
+        watchdog.cancel()
+        process.kill()
+    assert process.returncode == code, err
+    assert err.strip().splitlines()[-1].startswith("localvault_soak.py: stopped ("), err
+    assert "Traceback" not in err and "leaked" not in err, err
+    assert list(temp.iterdir()) == []

@@ -283,6 +283,7 @@ def test_refused_identity_endpoint_is_an_auth_error_not_the_vaults(
         f"error: no token from localvault's identity endpoint {endpoint} (IDENTITY_ENDPOINT): connection refused"
     )
     assert "restart `python -m localvault`" in lines[1] and "latest export lines" in lines[1]
+    assert "new ports" not in lines[1]  # untrue for a vault restarted with --port and --data
     assert vault_env["KEY_VAULT_URL"] not in result.stderr  # the vault is not blamed
     assert "Creating" not in result.stdout  # it failed at the name check, before any create
     assert key_names(key_client) == [] and deleted_names(key_client) == []

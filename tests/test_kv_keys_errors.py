@@ -155,7 +155,11 @@ def test_dns_failure_wrapped_like_requests_does(
     inner = ConnectionError("Max retries exceeded (Caused by NameResolutionError)")
     inner.__cause__ = socket.gaierror(socket.EAI_NONAME, "Name or service not known")
     fake_client.get_key.side_effect = ServiceRequestError(str(inner), error=inner)
-    assert run(capsys, "--name", NAME)[0] == kv_keys.ExitStatus.UNREACHABLE
+    code, _, err = run(capsys, "--name", NAME)
+    assert code == kv_keys.ExitStatus.UNREACHABLE
+    lines = error_lines(err)
+    assert f"{VAULT}.vault.azure.net does not resolve" in lines[0]
+    assert "az keyvault list" in lines[1]
 
 
 def test_connection_refused_and_tls_failures(

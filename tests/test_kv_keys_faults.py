@@ -30,13 +30,15 @@ def run_script(clean_env: Dict[str, str]) -> Any:
     """run_script(vault, *argv): run kv_keys.py against vault, as a user of `python -m localvault` would."""
 
     def start(vault: LocalVault, *argv: str) -> subprocess.Popen:
+        env = dict(clean_env, **vault.environ())
+        del env["AZURE_TOKEN_CREDENTIALS"]  # the identity variables are set: managed identity is localvault
         return subprocess.Popen(
             [sys.executable, KV_KEYS, *argv],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
-            env=dict(clean_env, **vault.environ()),
+            env=env,
             cwd=REPO,
         )
 
@@ -93,16 +95,9 @@ def vaults(**controls: Any) -> Iterator[LocalVault]:
         yield vault
 
 
-@pytest.fixture(scope="module")
-def protected_vault() -> Iterator[LocalVault]:
-    with vaults(purge_protection=True) as vault:
-        yield vault
-
-
-@pytest.fixture(scope="module")
-def standard_vault() -> Iterator[LocalVault]:
-    with vaults(sku="standard") as vault:
-        yield vault
+# A vault of the test's own at https://NAME.vault.azure.net, with these options (the plugin's vault_at_url).
+A_PROTECTED_VAULT = pytest.mark.parametrize("localvault_options", [{"purge_protection": True}], ids=["protected"])
+A_STANDARD_VAULT = pytest.mark.parametrize("localvault_options", [{"sku": "standard"}], ids=["standard"])
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -303,10 +298,11 @@ def test_each_key_permission_withheld(
         )
 
 
+@A_PROTECTED_VAULT
 def test_purge_protection_refuses_the_purge_and_the_key_stays_recoverable(
-    protected_vault: LocalVault, run_script: Any, unique_key_name: str
+    vault_at_url: LocalVault, run_script: Any, unique_key_name: str
 ) -> None:
-    protected_vault.reset()
+    protected_vault = vault_at_url
     lines = failed(
         run_script(protected_vault, "--name", unique_key_name, "--purge"), kv_keys.ExitStatus.PERMISSION
     )
@@ -315,7 +311,9 @@ def test_purge_protection_refuses_the_purge_and_the_key_stays_recoverable(
         f"{protected_vault.url}"
     )
     assert lines[1].startswith("hint: it can be recovered until ")
-    assert f"KeyClient.begin_recover_deleted_key('{unique_key_name}') on {protected_vault.url}" in lines[1]
+    # At a vault's real address the hint is the Azure CLI's, which works in a shell with the export lines.
+    name = protected_vault.url.split("//")[1].split(".")[0]
+    assert f"az keyvault key recover --vault-name {name} --name {unique_key_name} " in lines[1]
     assert lines[2:] == []
     assert log(protected_vault, "PurgeDeletedKey") == [("PurgeDeletedKey", 403, None)]
     assert final_state(protected_vault) == ([], [unique_key_name])
@@ -324,15 +322,24 @@ def test_purge_protection_refuses_the_purge_and_the_key_stays_recoverable(
         assert client.get_key(unique_key_name).name == unique_key_name
 
 
-def test_hsm_key_on_a_standard_vault(standard_vault: LocalVault, run_script: Any, unique_key_name: str) -> None:
-    standard_vault.reset()
+@A_STANDARD_VAULT
+def test_hsm_key_on_a_standard_vault(vault_at_url: LocalVault, run_script: Any, unique_key_name: str) -> None:
+    standard_vault = vault_at_url
     lines = failed(run_script(standard_vault, "--name", unique_key_name, "--hsm"), kv_keys.ExitStatus.PERMISSION)
     assert lines == [
         f"error: {standard_vault.url} is a standard vault, which holds no HSM-protected keys (--hsm): "
         "(Forbidden) Hardware key operation not allowed on standard vault",
-        "hint: drop --hsm, or start localvault with --sku premium (its default)",
+        # At a vault's real address the script cannot tell localvault from Azure: Azure's hint.
+        "hint: drop --hsm, or use a Premium vault (az keyvault create ... --sku premium) or a Managed HSM",
     ]
     assert final_state(standard_vault) == ([], [])
+
+
+def test_hsm_key_on_a_standard_localvault_at_its_own_url(run_script: Any, unique_key_name: str) -> None:
+    with vaults(sku="standard") as standard_vault:
+        lines = failed(run_script(standard_vault, "--name", unique_key_name, "--hsm"), kv_keys.ExitStatus.PERMISSION)
+        assert lines[1] == "hint: drop --hsm, or start localvault with --sku premium (its default)"
+        assert final_state(standard_vault) == ([], [])
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import select
 import subprocess
 import sys
 import time
-from typing import Dict, Iterator
+from typing import Dict, Iterator, Optional
 
 import pytest
 from azure.keyvault.keys import KeyClient
@@ -33,12 +33,13 @@ LAUNCHER = (
 class Terminal:
     """A process on a pseudo-terminal; reads wait on select() with a deadline, never on sleeps."""
 
-    def __init__(self, env: Dict[str, str], *argv: str) -> None:
+    def __init__(self, env: Dict[str, str], *argv: str, stdout: Optional[int] = None) -> None:
+        """stdout: subprocess.PIPE for a stdout that is not the terminal (`| head -1`); read it with piped()."""
         self.master, slave = pty.openpty()
         self.process = subprocess.Popen(
             [sys.executable, "-c", LAUNCHER, KV_KEYS, *argv],
             stdin=slave,
-            stdout=slave,
+            stdout=slave if stdout is None else stdout,
             stderr=slave,
             env=env,
             cwd=REPO,
@@ -59,10 +60,10 @@ class Terminal:
         self.output += chunk
         return bool(chunk)
 
-    def expect(self, pattern: bytes, timeout: float = 60) -> re.Match:
+    def expect(self, pattern: bytes, timeout: float = 60, start: int = 0) -> re.Match:
         deadline = time.monotonic() + timeout
         while True:
-            match = re.search(pattern, self.output)
+            match = re.compile(pattern).search(self.output, start)
             if match:
                 return match
             if not self._read(deadline):
@@ -81,6 +82,8 @@ class Terminal:
         if self.process.poll() is None:
             self.process.kill()
             self.process.wait()
+        if self.process.stdout is not None:
+            self.process.stdout.close()
         os.close(self.master)
 
     @property
@@ -138,3 +141,52 @@ def test_ctrl_c_at_the_prompt(terminal: Terminal, key_client: KeyClient) -> None
     assert terminal.text.count("error: ") == 1
     assert "Traceback" not in terminal.text and "Creating" not in terminal.text
     assert list(key_client.list_properties_of_keys()) == []
+
+
+PROMPT = rb"Input a name for your key \[(quickstart-[0-9a-zA-Z-]+)\] > "
+
+
+def test_an_invalid_name_at_the_prompt_is_asked_for_again(terminal: Terminal, key_client: KeyClient) -> None:
+    suggested = terminal.expect(PROMPT).group(1).decode()
+    terminal.type(b"bad name\r")
+    terminal.expect(
+        re.escape(
+            b"invalid key name 'bad name': use 1 to 127 letters (a-z, A-Z), digits and hyphens; try again, or "
+            b"press Enter for " + suggested.encode()
+        )
+    )
+    assert terminal.expect(PROMPT, start=terminal.output.index(b"try again")).group(1).decode() == suggested
+    terminal.type(b"\r")
+    assert terminal.finish() == 0, terminal.text
+    assert f"called '{suggested}'" in terminal.text
+    assert key_client.get_deleted_key(suggested).name == suggested
+
+
+def test_a_fourth_invalid_name_at_the_prompt_ends_the_run(terminal: Terminal, key_client: KeyClient) -> None:
+    suggested = terminal.expect(PROMPT).group(1).decode()
+    for _ in range(4):  # the first answer, then asked again 3 times
+        terminal.type(b"under_score\r")
+    assert terminal.finish() == 2, terminal.text
+    assert terminal.text.count("Input a name for your key") == 4
+    assert terminal.text.count("try again") == 3
+    assert terminal.text.endswith(
+        "error: invalid key name 'under_score': use 1 to 127 letters (a-z, A-Z), digits and hyphens\n"
+        f"hint: for example {suggested}\n"
+    )
+    assert list(key_client.list_properties_of_keys()) == []
+
+
+def test_with_stdout_piped_the_prompt_shows_on_the_terminal(
+    terminal_env: Dict[str, str], key_client: KeyClient
+) -> None:
+    session = Terminal(terminal_env, stdout=subprocess.PIPE)
+    try:
+        suggested = session.expect(PROMPT).group(1).decode()  # on the terminal (stderr), not in the pipe
+        session.type(b"\r")
+        assert session.finish() == 0, session.text
+        assert session.process.stdout is not None
+        piped = session.process.stdout.read().decode()
+    finally:
+        session.close()
+    assert "Input a name" not in piped
+    assert piped.startswith(f"Creating a key in {key_client.vault_url} called '{suggested}' ...")

@@ -90,3 +90,27 @@ def test_outside_the_clone_without_a_vault(tmp_path: Path, clean_env: Dict[str, 
     assert lines[0] == "error: no vault configured, and the localvault package is not here to start one"
     assert "run kv_keys.py from a clone" in lines[1] and "KEY_VAULT_NAME" in lines[1]
     assert result.stdout == ""  # no claim that localvault started
+
+
+@pytest.mark.parametrize(
+    "extra", [{"KEY_VAULT_NAME": "my-vault"}, {}], ids=["a vault in Azure", "the embedded localvault"]
+)
+def test_a_python_without_the_azure_sdk_says_which_python(extra: Dict[str, str], clean_env: Dict[str, str]) -> None:
+    # -S: no site-packages, as in a terminal where the venv is not activated. localvault is still found beside
+    # the script, so the embedded case gets as far as the SDK import too.
+    result = subprocess.run(
+        [sys.executable, "-S", KV_KEYS, "--name", "no-sdk-key"],
+        capture_output=True,
+        text=True,
+        env={**clean_env, **extra},
+        cwd=REPO,
+        timeout=60,
+    )
+    assert result.returncode == 2, result.stderr
+    lines = error_lines(result.stderr)
+    assert lines == [
+        f"error: the Azure SDK is not installed in this Python, {sys.executable} (no module named 'azure')",
+        "hint: activate the virtual environment that has it (. .venv/bin/activate), or install it here: "
+        "pip install -r requirements.txt",
+    ]
+    assert result.stdout == ""

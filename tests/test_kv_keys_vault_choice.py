@@ -137,6 +137,34 @@ def test_non_local_identity_endpoint_is_refused_for_a_local_vault(
     fake_client.factory.assert_not_called()
 
 
+@pytest.mark.parametrize(
+    "identity",
+    [{}, {"IDENTITY_ENDPOINT": "http://10.0.0.4:8081/msi/token", "IDENTITY_HEADER": "secret"}],
+    ids=["no identity variables", "a remote identity endpoint"],
+)
+@pytest.mark.parametrize("source", ["--vault-url", "KEY_VAULT_URL"])
+def test_a_refused_local_vault_url_hint_names_where_the_url_came_from(
+    source: str,
+    identity: Dict[str, str],
+    fake_client: mock.NonCallableMagicMock,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for variable, value in identity.items():
+        monkeypatch.setenv(variable, value)
+    argv = ["--name", NAME]
+    if source == "--vault-url":
+        argv += ["--vault-url", "https://127.0.0.1:8443"]
+    else:
+        monkeypatch.setenv("KEY_VAULT_URL", "https://127.0.0.1:8443")
+    code, _, err = run(capsys, *argv)
+    assert code in (kv_keys.ExitStatus.AUTH, kv_keys.ExitStatus.USAGE)
+    hint = error_lines(err)[1]
+    way_back = "drop --vault-url" if source == "--vault-url" else "unset KEY_VAULT_URL"
+    assert hint.endswith(f", or {way_back} to use the embedded localvault"), hint
+    fake_client.factory.assert_not_called()
+
+
 def test_local_identity_endpoint_and_azure_vault_are_not_refused() -> None:
     local = {"IDENTITY_ENDPOINT": "http://localhost:4242/msi/token", "IDENTITY_HEADER": "secret"}
     assert choose(["--vault-url", "https://127.0.0.1:8443"], local).url == "https://127.0.0.1:8443"
@@ -232,5 +260,6 @@ def test_missing_localvault_package_gives_a_clear_usage_error(
     lines = error_lines(err)
     assert "localvault" in lines[0]
     assert "run kv_keys.py from a clone" in lines[1] and "KEY_VAULT_NAME" in lines[1]
+    assert "`uv run --with PATH_TO_CLONE kv_keys.py`" in lines[1] and "`pip install PATH_TO_CLONE`" in lines[1]
     assert out == ""  # it never claimed that localvault started
     fake_client.factory.assert_not_called()

@@ -9,10 +9,11 @@ import socket
 import ssl
 import subprocess
 import sys
-from typing import Any, Iterator
+from typing import Iterator
 
 import pytest
 import requests
+from helpers import control
 
 from localvault import LocalVault
 from localvault.cli import build_parser, read_exports
@@ -25,18 +26,6 @@ from localvault.urls import resolve
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EC_BODY = {"kty": "EC", "crv": "P-256"}
 NO_FAULTS = {"rates": {}, "seed": None, "operations": None, "next": [], "delete_delay": 0.0}
-
-
-def control(vault: Any, method: str, name: str, secret: Any = True, **kwargs: Any) -> requests.Response:
-    """A control API request, with the vault's identity secret unless ``secret`` says otherwise."""
-    headers = kwargs.pop("headers", {})
-    if secret is True:
-        headers["X-IDENTITY-HEADER"] = vault.environ()["IDENTITY_HEADER"]
-    elif secret is not None:
-        headers["X-IDENTITY-HEADER"] = secret
-    return requests.request(
-        method, f"{vault.url}/_localvault/{name}", headers=headers, verify=vault.ca_file, timeout=30, **kwargs
-    )
 
 
 ALL_CONTROL_CALLS = [(method, name) for name, methods in CONTROL_ROUTES.items() for method in methods]
@@ -178,9 +167,10 @@ def test_requests_log_through_the_api(localvault, key_client, unique_key_name):
 
 def test_request_log_is_bounded(localvault):
     log = localvault.controls.log
-    for _ in range(10_005):
-        log.record("GET", "/keys?api-version=7.5", 200, None)
-    assert len(localvault.requests()) == 10_000
+    for number in range(10_005):
+        log.record("GET", f"/keys/k{number}?api-version=7.5", 200, None)
+    # the oldest five are dropped; the rest are kept, oldest first
+    assert [e["path"] for e in localvault.requests()] == [f"/keys/k{n}" for n in range(5, 10_005)]
 
 
 def test_wait_idle_does_not_wait_for_itself_but_for_other_requests(localvault):

@@ -271,6 +271,7 @@ def test_soft_delete_recover_purge(key_client, unique_key_name):
     assert "deleted but recoverable state" in info.value.error.message
 
     recover = key_client.begin_recover_deleted_key(unique_key_name)
+    assert key_client.get_key(unique_key_name).id == key.id  # back at once, before any poll
     recover.wait()
     assert recover.result().id == key.id
     assert key_client.get_key(unique_key_name).id == key.id
@@ -284,6 +285,26 @@ def test_soft_delete_recover_purge(key_client, unique_key_name):
         key_client.get_deleted_key(unique_key_name)
     # after the purge the name is free again
     assert key_client.create_rsa_key(unique_key_name).properties.version != key.properties.version
+
+
+def test_a_recover_restores_the_key_at_once_or_once_its_delay_has_passed(
+    localvault, key_client, raw, unique_key_name
+):
+    # Asserted without the SDK's recover poller, which would poll for ever for a key that never returns.
+    key = key_client.create_ec_key(unique_key_name)
+    key_client.begin_delete_key(unique_key_name).wait()
+    answer = raw.request("POST", f"/deletedkeys/{unique_key_name}/recover")
+    assert answer.status_code == 200 and answer.json()["key"]["kid"] == key.id
+    assert key_client.get_key(unique_key_name).id == key.id
+    assert raw.request("GET", f"/deletedkeys/{unique_key_name}").status_code == 404
+    assert unique_key_name not in [k.name for k in key_client.list_deleted_keys()]
+
+    key_client.begin_delete_key(unique_key_name).wait()
+    localvault.set_delete_delay(30)
+    assert raw.request("POST", f"/deletedkeys/{unique_key_name}/recover").status_code == 200
+    assert raw.request("GET", f"/keys/{unique_key_name}").status_code == 404  # still being recovered
+    localvault.clock.advance(seconds=30)
+    assert key_client.get_key(unique_key_name).id == key.id
 
 
 def test_delete_missing_and_purge_missing(key_client, unique_key_name):

@@ -7,10 +7,13 @@ import os
 import socket
 import ssl
 import stat
+import subprocess
+import sys
 import threading
 
 import pytest
 from azure.core.exceptions import ResourceNotFoundError
+from helpers import REPO
 
 from localvault import LocalVault
 
@@ -85,12 +88,46 @@ def test_reset_empties_keys_and_deleted_keys(localvault, key_client, unique_key_
         key_client.get_key(unique_key_name)
 
 
-def test_fixture_resets_between_tests_part_one(key_client):
-    key_client.create_ec_key("left-behind-by-part-one")
+RESET_CHECK = """
+import pytest
+
+@pytest.fixture
+def vault(FIXTURE):
+    return FIXTURE
+
+def test_one_changes_everything(vault):
+    with vault.key_client() as client:
+        client.create_ec_key("left-behind")
+        client.create_ec_key("deleted-left-behind")
+        client.begin_delete_key("deleted-left-behind").wait()
+    vault.set_faults({"429": 0.01})
+    vault.set_key_permissions(["get"])
+    vault.set_delete_delay(5)
+    vault.clock.advance(hours=1)
+
+def test_two_finds_it_all_reset(vault):
+    with vault.key_client() as client:
+        assert [k.name for k in client.list_properties_of_keys()] == []
+        assert [k.name for k in client.list_deleted_keys()] == []
+    assert vault.describe_controls() == "" and vault.clock.offset == 0
+    assert {r["operation"] for r in vault.requests()} == {"GetKeys", "GetDeletedKeys"}  # this test's only
+"""
 
 
-def test_fixture_resets_between_tests_part_two(key_client):
-    assert "left-behind-by-part-one" not in {p.name for p in key_client.list_properties_of_keys()}
+@pytest.mark.parametrize("fixture, outcome", [("localvault", "2 passed"), ("localvault_session", "1 failed, 1 passed")])
+def test_the_fixture_resets_the_vault_between_tests(tmp_path, clean_env, fixture, outcome):
+    # Two tests in order, in a pytest of their own: what the first changes, the second must not see. The
+    # session's vault without the fixture's reset shows that the second test would see it.
+    (tmp_path / "test_reset.py").write_text(RESET_CHECK.replace("FIXTURE", fixture))
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "localvault.pytest_plugin", "-p", "no:cacheprovider"],
+        cwd=tmp_path,
+        env=dict(clean_env, PYTHONPATH=str(REPO)),
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert result.stdout.strip().splitlines()[-1].startswith(outcome), result.stdout + result.stderr
 
 
 def test_eight_threads_create_versions_of_one_key(localvault, unique_key_name):

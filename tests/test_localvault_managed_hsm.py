@@ -1,6 +1,7 @@
 """Managed HSM mode: its token resource, oct-HSM keys with the symmetric algorithms, random bytes.
 
-One Managed HSM vault serves this module, emptied before each test. Symmetric keys are imported from
+Each test has a Managed HSM of its own at https://NAME.managedhsm.azure.net (the plugin's ``vault_at_url``
+with ``localvault_options`` overridden below). Symmetric keys are imported from
 AES keys made here, so every result is cross-checked with ``cryptography``.
 """
 
@@ -11,7 +12,7 @@ import contextlib
 import hashlib
 import hmac
 import os
-from typing import Any, Iterator
+from typing import Any, Dict, Iterator
 
 import pytest
 import requests
@@ -40,16 +41,14 @@ def unb64(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
-@pytest.fixture(scope="module")
-def hsm_session() -> Iterator[LocalVault]:
-    with LocalVault(managed_hsm=True) as vault:
-        yield vault
+@pytest.fixture
+def localvault_options() -> Dict[str, Any]:
+    return {"managed_hsm": True}
 
 
 @pytest.fixture
-def hsm(hsm_session: LocalVault) -> LocalVault:
-    hsm_session.reset()
-    return hsm_session
+def hsm(vault_at_url: LocalVault) -> LocalVault:
+    return vault_at_url
 
 
 @pytest.fixture

@@ -240,6 +240,17 @@ def test_stop_releases_the_directory_and_start_reads_it_again(tmp_path):
         vault.stop()
 
 
+def test_a_vault_never_started_holds_no_lock(tmp_path):
+    data_dir = str(tmp_path / "vault")
+    idle = LocalVault(data_dir=data_dir, data_key=PASSPHRASE)  # made, and read, but never started
+    with LocalVault(data_dir=data_dir, data_key=PASSPHRASE) as vault:
+        vault.key_client().create_ec_key("made")
+        with pytest.raises(DataDirError, match="in use by another localvault"):
+            idle.start()  # the lock is taken by start()
+    with idle:  # and start() reads DIR as it is now
+        assert [p.name for p in idle.key_client().list_properties_of_keys()] == ["made"]
+
+
 # -- SIGKILL during writes -------------------------------------------------------------------------
 
 ROUNDS = 12
@@ -485,3 +496,46 @@ def test_oct_key_material_is_not_in_plain_form(tmp_path):
     assert not [s for s in _encodings(secret) if s in stored]
     with LocalVault(data_dir=data_dir, data_key=PASSPHRASE, managed_hsm=True) as vault:
         assert vault.key_client().get_key("octet").key.kty == "oct-HSM"
+
+
+# -- a write that fails half-way ------------------------------------------------------------------
+
+HALF_WRITTEN = """
+import os, resource, signal, sys
+from localvault import LocalVault
+
+data_dir, name = sys.argv[1:]
+with LocalVault(data_dir=data_dir) as vault, vault.key_client(retry_total=0) as client:
+    size = os.path.getsize(os.path.join(data_dir, "keys", name + ".json"))
+    # No file of this process may grow past the key file's size now: the new record, longer, fails
+    # part-way through its write, after any truncation of the file it is written to.
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size, resource.RLIM_INFINITY))
+    try:
+        client.update_key_properties(name, tags={"longer": "x" * 200})
+    except Exception as error:
+        print("refused:", type(error).__name__, flush=True)
+    os._exit(0)  # as a vault that dies here: nothing more is written
+"""
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="RLIMIT_FSIZE is POSIX only")
+def test_a_key_file_write_that_fails_part_way_leaves_the_old_file(tmp_path):
+    data_dir, name = str(tmp_path / "vault"), "half-written"
+    with LocalVault(data_dir=data_dir, data_key=PASSPHRASE) as vault, vault.key_client() as client:
+        key = client.create_ec_key(name, tags={"old": "1"})
+    path = Path(data_dir, "keys", name + ".json")
+    before = path.read_bytes()
+    result = subprocess.run(
+        [sys.executable, "-c", HALF_WRITTEN, data_dir, name],
+        env=_env(PASSPHRASE),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.stdout.startswith("refused: HttpResponseError"), result.stdout + result.stderr
+    assert path.read_bytes() == before
+    with LocalVault(data_dir=data_dir, data_key=PASSPHRASE) as vault, vault.key_client() as client:
+        again = client.get_key(name)
+        assert (again.properties.version, again.properties.tags) == (key.properties.version, {"old": "1"})
+    assert not [file for file in _files(data_dir) if ".tmp-" in file]

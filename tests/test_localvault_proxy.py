@@ -26,7 +26,7 @@ from azure.core.exceptions import HttpResponseError, ResourceNotFoundError, Serv
 from azure.identity import DefaultAzureCredential
 from azure.keyvault.keys import KeyClient
 from azure.keyvault.keys.crypto import CryptographyClient, SignatureAlgorithm
-from helpers import EXPORTED_NAMES, REPO, VAULT_VARIABLE_PREFIXES
+from helpers import EXPORTED_NAMES, REPO, environ_without_vaults
 
 from localvault import LocalVault
 from localvault.cli import read_exports
@@ -45,17 +45,6 @@ def fresh_name(prefix: str = "p") -> str:
 # --------------------------------------------------------------------------------------------------------
 
 
-def base_env() -> Dict[str, str]:
-    """os.environ without anything that chooses a vault, a credential, a proxy or a CA bundle."""
-    return {
-        name: value
-        for name, value in os.environ.items()
-        if not name.upper().startswith(VAULT_VARIABLE_PREFIXES)
-        and not name.upper().endswith("_PROXY")
-        and name not in EXPORTED_NAMES
-    }
-
-
 class Standalone:
     def __init__(self, *args: str) -> None:
         self.process = subprocess.Popen(
@@ -63,7 +52,7 @@ class Standalone:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
-            env=base_env(),
+            env=environ_without_vaults(),
             cwd=REPO,
         )
         watchdog = threading.Timer(60, self.process.kill)  # if it never prints its exports, fail, not hang
@@ -83,7 +72,7 @@ class Standalone:
         return int(self.exports["HTTPS_PROXY"].rsplit(":", 1)[1])
 
     def env(self) -> Dict[str, str]:
-        return dict(base_env(), **self.exports)
+        return dict(environ_without_vaults(), **self.exports)
 
     def stop(self) -> Tuple[str, str]:
         if self.process.poll() is None:
@@ -203,6 +192,10 @@ def test_the_plugin_applied_the_proxy_environment(localvault_session: LocalVault
         assert os.environ[name] == environ[name], name
     assert os.environ["HTTPS_PROXY"] == f"http://127.0.0.1:{localvault_session.proxy_port}"
     assert os.environ["NO_PROXY"] == os.environ["no_proxy"] == "127.0.0.1"
+    # The Azure CLI's login is the vault's own, apart from ~/.azure: empty, private, gone with the vault.
+    config = Path(os.environ["AZURE_CONFIG_DIR"])
+    assert config.is_dir() and config.stat().st_mode & 0o777 == 0o700
+    assert Path(localvault_session.ca_file).parent == config.parent
     bundle = Path(os.environ["REQUESTS_CA_BUNDLE"]).read_text()
     assert Path(localvault_session.ca_file).read_text().strip() in bundle
     assert bundle.count("BEGIN CERTIFICATE") > 10  # certifi's CAs too, so other HTTPS keeps working
@@ -540,7 +533,7 @@ def test_the_quickstart_at_a_real_address_with_only_the_export_lines(localvault_
     # KEY_VAULT_NAME=NAME python kv_keys.py: DefaultAzureCredential and challenge verification as for
     # Azure; its recover and purge hints are the az commands that work in that shell.
     name = fresh_name("q")
-    env = dict(base_env(), **localvault_session.environ(), KEY_VAULT_NAME=name)
+    env = dict(environ_without_vaults(), **localvault_session.environ(), KEY_VAULT_NAME=name)
     del env["KEY_VAULT_URL"]
     result = subprocess.run(
         [sys.executable, "kv_keys.py", "--name", "real-address"],
@@ -559,3 +552,80 @@ def test_the_quickstart_at_a_real_address_with_only_the_export_lines(localvault_
         assert [key.name for key in client.list_deleted_keys()] == ["real-address"]
     finally:
         client.close()
+
+
+# --------------------------------------------------------------------------------------------------------
+# Making vaults: bounded in number, never while other requests wait
+# --------------------------------------------------------------------------------------------------------
+
+
+def test_the_number_of_vault_names_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    from localvault import proxy
+
+    monkeypatch.setattr(proxy, "MAX_VAULTS", 2)
+    with LocalVault() as vault:
+        for name in ("first", "second"):
+            status, _, sock = connect(vault.proxy_port, f"{name}.vault.azure.net:443")
+            sock.close()
+            assert status == 200
+        status, body, sock = connect(vault.proxy_port, "third.vault.azure.net:443")
+        sock.close()
+        assert (status, body.decode()) == (
+            502,
+            "localvault serves at most 2 vault names at once, and serves that many; "
+            "third.vault.azure.net is not one of them.\n",
+        )
+        vault.forget(vault.vault("first"))
+        status, _, sock = connect(vault.proxy_port, "third.vault.azure.net:443")
+        sock.close()
+        assert status == 200
+
+
+def test_making_a_vault_stalls_no_request_to_another(monkeypatch: pytest.MonkeyPatch) -> None:
+    making, release = threading.Event(), threading.Event()
+    start_proxied = LocalVault._start_proxied
+
+    def slow_for_one(self: LocalVault, parent: LocalVault) -> LocalVault:
+        if self._host == "slow.vault.azure.net":
+            making.set()
+            assert release.wait(60)
+        return start_proxied(self, parent)
+
+    monkeypatch.setattr(LocalVault, "_start_proxied", slow_for_one)
+    with LocalVault() as vault:
+        fast = vault.vault("fast").key_client()
+        fast.create_ec_key("before")
+        outcome: List[Any] = []
+        thread = threading.Thread(
+            target=lambda: outcome.append(connect(vault.proxy_port, "slow.vault.azure.net:443"))
+        )
+        thread.start()
+        try:
+            assert making.wait(30)
+            # While the slow vault is being made: the existing vault answers, and a new one is made.
+            assert fast.get_key("before").name == "before"
+            other = vault.vault("other").key_client()
+            assert other.create_ec_key("meanwhile").name == "meanwhile"
+            other.close()
+            assert thread.is_alive() and not outcome
+        finally:
+            release.set()
+            thread.join(60)
+            fast.close()
+        status, _, sock = outcome[0]
+        sock.close()
+        assert status == 200
+
+
+def test_a_vault_whose_data_directory_is_unusable_is_refused_in_one_line(tmp_path: Path) -> None:
+    with LocalVault(data_dir=str(tmp_path), data_key="a passphrase") as vault:
+        broken = tmp_path / "vaults" / "broken.vault.azure.net"
+        broken.mkdir(parents=True)
+        (broken / "localvault.json").write_text("{not json")
+        status, body, sock = connect(vault.proxy_port, "broken.vault.azure.net:443")
+        sock.close()
+        assert status == 502
+        assert body.count(b"\n") == 1 and b"localvault.json" in body
+        status, _, sock = connect(vault.proxy_port, "healthy.vault.azure.net:443")
+        sock.close()
+        assert status == 200

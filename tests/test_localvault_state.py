@@ -141,7 +141,10 @@ KEY_FILE_DAMAGE = {
     "versions[0].pkcs8": lambda d: _version(d).update(pkcs8="AAAA"),
     "versions[0].colour": lambda d: _version(d).update(colour="red"),
     "versions": lambda d: d.update(versions=[]),
+    "versions[0]": lambda d: d.update(versions=[5]),
     "latest": lambda d: d.update(latest="0" * 32),
+    "versions[1].kty": lambda d: d["versions"][1].update(kty=["RSA"]),  # unhashable, as JSON can write
+    "policy": lambda d: d.update(policy=[]),
     "name": lambda d: d.update(name="other"),
 }
 
@@ -464,3 +467,23 @@ def test_an_older_backup_with_a_notify_is_refused_by_a_managed_hsm(vault, manage
     assert raised.value.status_code == 400 and "made by a key vault" in raised.value.message
     _gone(client, unique_key_name)
     assert client.restore_key_backup(legacy).name == unique_key_name  # a key vault still takes it
+
+
+def test_a_changed_version_is_written_and_backed_up_as_it_now_is(tmp_path, unique_key_name):
+    # each version's stored form is made once: a change to a version must make it anew
+    data_dir = str(tmp_path / "vault")
+    with LocalVault(data_dir=data_dir, data_key=PASSPHRASE) as vault:
+        client = vault.key_client()
+        first = client.create_ec_key(unique_key_name, tags={"state": "made"})
+        client.rotate_key(unique_key_name)
+        client.update_key_properties(unique_key_name, first.properties.version, tags={"state": "changed"})
+        client.update_key_properties(unique_key_name, first.properties.version, enabled=False)
+        blob = client.backup_key(unique_key_name)
+    with LocalVault(data_dir=data_dir, data_key=PASSPHRASE) as vault:
+        client = vault.key_client()
+        kept = client.get_key(unique_key_name, first.properties.version).properties
+        assert (kept.tags, kept.enabled) == ({"state": "changed"}, False)
+        _gone(client, unique_key_name)
+        client.restore_key_backup(blob)
+        restored = client.get_key(unique_key_name, first.properties.version).properties
+        assert (restored.tags, restored.enabled) == ({"state": "changed"}, False)

@@ -120,9 +120,19 @@ def test_bad_skiptoken(raw, token):
     assert error_of(response)["code"] == "BadParameter"
 
 
+# Every published version a current SDK or the Azure CLI sends (az pins 7.6-preview.2).
+PUBLISHED_API_VERSIONS = (
+    "2016-10-01", "7.0", "7.1-preview", "7.1", "7.2-preview", "7.2", "7.3-preview", "7.3", "7.4-preview.1",
+    "7.4", "7.5-preview.1", "7.5", "7.6-preview.1", "7.6-preview.2", "7.6", "2025-06-01-preview", "2025-07-01",
+)  # fmt: skip
+
+
 def test_api_versions(raw, unique_key_name):
-    for version in ("7.0", "7.1", "7.2", "7.3", "7.4", "7.5", "7.6", "2025-07-01"):
-        assert raw.request("GET", "/keys", api_version=version).status_code == 200
+    for version in PUBLISHED_API_VERSIONS:
+        assert raw.request("GET", "/keys", api_version=version).status_code == 200, version
+    for version in ("7.7", "7.6-preview.3", "7.4-preview", "2025-07-02", "7.6 ", "v7.6"):
+        refused = raw.request("GET", "/keys", api_version=version)
+        assert refused.status_code == 400 and error_of(refused)["code"] == "BadParameter", version
     missing = raw.request("GET", "/keys", api_version=None)
     assert missing.status_code == 400
     assert error_of(missing)["code"] == "BadParameter"

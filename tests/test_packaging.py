@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -89,6 +90,38 @@ OUTSIDE_TEST = textwrap.dedent(
         key = key_client.create_ec_key(unique_key_name)
         assert key.id.startswith(localvault.url + "/keys/")
         assert key_client.get_key(unique_key_name).id == key.id
+
+
+    def test_unchanged_async_code_at_a_real_address(vault_url):
+        import asyncio
+
+        import aiohttp  # imported after the plugin set SSL_CERT_FILE, as a user's module would be
+        from azure.identity.aio import DefaultAzureCredential
+        from azure.keyvault.keys.aio import KeyClient
+
+        async def main():
+            async with DefaultAzureCredential() as credential, KeyClient(vault_url, credential) as client:
+                key = await client.create_ec_key("mine")
+                return key.id, [k.name async for k in client.list_properties_of_keys()]
+
+        key_id, names = asyncio.run(main())
+        assert aiohttp and key_id.startswith(vault_url + "/keys/mine/") and names == ["mine"]
+    """
+)
+# What the plugin set in os.environ, read when the process exits: after the run, it must be gone.
+OUTSIDE_CONFTEST = textwrap.dedent(
+    """
+    import atexit
+    import json
+    import os
+
+    NAMES = ("HTTPS_PROXY", "https_proxy", "NO_PROXY", "REQUESTS_CA_BUNDLE", "SSL_CERT_FILE", "IDENTITY_ENDPOINT")
+
+
+    @atexit.register
+    def report():
+        with open("environ-after-run.json", "w") as file:
+            json.dump({name: os.environ.get(name) for name in NAMES}, file)
     """
 )
 
@@ -108,7 +141,19 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dict[str, Pa
     """A fresh venv with the project's wheel installed, offline; it sees this environment's packages."""
     base = tmp_path_factory.mktemp("packaging")
     prefixes = ("PYTHON", "PIP_", "PYTEST_", "KEY_VAULT_", "IDENTITY_", "LOCALVAULT_", "AZURE_", "MSI_")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(prefixes)}
+    proxies_and_trust = (
+        "HTTPS_PROXY",
+        "HTTP_PROXY",
+        "NO_PROXY",
+        "REQUESTS_CA_BUNDLE",
+        "SSL_CERT_FILE",
+        "NODE_EXTRA_CA_CERTS",
+    )
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(prefixes) and k.upper() not in proxies_and_trust
+    }
     env["PIP_CONFIG_FILE"] = os.devnull
     # Build from a copy, so that the build leaves no build/ or *.egg-info in the clone.
     source = base / "source"
@@ -143,6 +188,7 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dict[str, Pa
     project.mkdir()
     (project / "pytest.ini").write_text("[pytest]\n", encoding="utf-8")
     (project / "test_outside.py").write_text(OUTSIDE_TEST, encoding="utf-8")
+    (project / "conftest.py").write_text(OUTSIDE_CONFTEST, encoding="utf-8")
     yield {"python": python, "bin": python.parent, "project": project, "env": env}  # type: ignore[misc]
 
 
@@ -152,7 +198,9 @@ def test_installed_plugin_gives_the_fixtures_without_any_option(installed):
         installed["project"],
         installed["env"],
     )
-    assert "1 passed" in result.stdout
+    assert "2 passed" in result.stdout
+    after = json.loads((installed["project"] / "environ-after-run.json").read_text(encoding="utf-8"))
+    assert after == dict.fromkeys(after), after  # the plugin put os.environ back as it found it
 
 
 def test_installed_plugin_and_this_repositorys_option_do_not_clash(installed):
@@ -162,7 +210,7 @@ def test_installed_plugin_and_this_repositorys_option_do_not_clash(installed):
         installed["project"],
         installed["env"],
     )  # fmt: skip
-    assert "1 passed" in result.stdout
+    assert "2 passed" in result.stdout
 
 
 @pytest.mark.parametrize(

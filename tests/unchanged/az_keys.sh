@@ -5,16 +5,15 @@
 #   python -m localvault --isolated &    # then paste its export lines, or: . FILE from --env-file
 #   bash tests/unchanged/az_keys.sh contoso
 #
-# az keeps its login in a temporary AZURE_CONFIG_DIR, so your own az login is never touched.
+# az keeps its login in the AZURE_CONFIG_DIR the export lines name, so your own az login is never touched.
 set -euo pipefail
 
 vault=${1:?usage: az_keys.sh VAULT_NAME}
 : "${IDENTITY_ENDPOINT:?load localvault export lines first}"
-AZURE_CONFIG_DIR=$(mktemp -d)
+: "${AZURE_CONFIG_DIR:?load localvault export lines first: they set AZURE_CONFIG_DIR}"
 work=$(mktemp -d)
-export AZURE_CONFIG_DIR AZURE_CORE_COLLECT_TELEMETRY=no AZURE_CORE_ONLY_SHOW_ERRORS=true
-export AZURE_CORE_NO_COLOR=true
-trap 'rm -rf "$AZURE_CONFIG_DIR" "$work"' EXIT
+export AZURE_CORE_COLLECT_TELEMETRY=no AZURE_CORE_ONLY_SHOW_ERRORS=true AZURE_CORE_NO_COLOR=true
+trap 'rm -rf "$work"' EXIT
 
 step() { printf 'ok   %s\n' "$*"; }
 # check WHAT GOT WANTED: stop the witness unless GOT is WANTED
