@@ -27,6 +27,10 @@ from localvault import LocalVault
 READMES = ("README.md", "localvault/README.md")
 # How many Python blocks each README marks as not run; change it only with the marker.
 NOT_RUN: Dict[str, int] = {"README.md": 0, "localvault/README.md": 0}
+# How many each has at least (README.md: its Next steps); fewer means the extraction broke.
+AT_LEAST: Dict[str, int] = {"README.md": 4, "localvault/README.md": 9}
+# The README whose blocks are samples for a reader, each checking what it shows with an assert.
+ASSERTING = "README.md"
 _BLOCK = re.compile(r"^```python\n(.*?)^```[ \t]*$", re.M | re.S)
 _NOT_RUN = re.compile(r"<!--\s*not run:\s*(?P<reason>[^>]*?)\s*-->\s*\Z")
 
@@ -87,11 +91,17 @@ def run_as_tests(block: Block, tmp_path: Path) -> None:
 
 
 def test_blocks_are_found_and_those_not_run_say_why() -> None:
-    assert len(RUN) >= 8  # the blocks this file was written against; fewer means the extraction broke
     for readme in READMES:
+        assert len([block for block in RUN if block.readme == readme]) >= AT_LEAST[readme], readme
         skipped = [block for block in ALL if block.readme == readme and block.not_run is not None]
         assert all(block.not_run for block in skipped), [b.line for b in skipped if not b.not_run]
         assert len(skipped) == NOT_RUN[readme], [(b.line, b.not_run) for b in skipped]
+
+
+def test_the_samples_assert_what_they_show() -> None:
+    samples = [block for block in RUN if block.readme == ASSERTING]
+    assert samples
+    assert [b.line for b in samples if not re.search(r"^\s*assert ", b.code, re.M)] == []
 
 
 def test_a_marker_applies_only_to_the_block_just_after_it(tmp_path: Path) -> None:
