@@ -49,8 +49,11 @@ KEY_OPS = ("encrypt", "decrypt", "sign", "verify", "wrapKey", "unwrapKey", "impo
 DEFAULT_OPS = {
     "RSA": ["encrypt", "decrypt", "sign", "verify", "wrapKey", "unwrapKey"],
     "EC": ["sign", "verify"],
-    "oct": ["encrypt", "decrypt", "wrapKey", "unwrapKey"],  # as a Managed HSM: no sign, no verify
+    "oct": ["encrypt", "decrypt", "wrapKey", "unwrapKey"],  # as a Managed HSM until 7.3: no sign, no verify
 }
+# A new oct-HSM key's key_ops from api-version 7.3 on, as recorded in 2022: all six, and deriveKey.
+OCT_HSM_OPS_SINCE_7_3 = ["encrypt", "decrypt", "sign", "verify", "wrapKey", "unwrapKey", "deriveKey"]
+STORED_OPS = (*KEY_OPS, "deriveKey")  # what a key may hold: a client cannot ask for deriveKey
 MAX_TAGS = 15
 SECONDS_PER_DAY = 86400
 # A backup: magic, nonce, AES-GCM of its JSON. LVKB2's JSON is zlib-compressed and names the kind of vault
@@ -677,8 +680,10 @@ class KeyStore(WriteOrdering):
         nbf: Optional[int] = None,
         exp: Optional[int] = None,
         tags: Optional[Dict[str, str]] = None,
+        default_ops: Optional[List[str]] = None,
     ) -> KeyVersion:
-        """Store a new version (create or import); the name keeps the case it was first given."""
+        """Store a new version (create or import); the name keeps the case it was first given. Without
+        ``key_ops`` it gets ``default_ops``, else its type's default."""
         self.check_key_type(kty)
         key_ops = validate_key_ops(key_ops)
         tags = validate_tags(tags)
@@ -691,7 +696,7 @@ class KeyStore(WriteOrdering):
                 version=uuid.uuid4().hex,
                 kty=kty,
                 private_key=private_key,
-                key_ops=list(DEFAULT_OPS[KEY_TYPES[kty]]) if key_ops is None else key_ops,
+                key_ops=list(default_ops or DEFAULT_OPS[KEY_TYPES[kty]]) if key_ops is None else key_ops,
                 enabled=True if enabled is None else enabled,
                 created=now,
                 updated=now,
@@ -1043,7 +1048,7 @@ def _version_from_dict(data: Any, name: str, path: str) -> KeyVersion:
             data,
             "key_ops",
             path,
-            lambda v: isinstance(v, list) and all(op in KEY_OPS for op in v),
+            lambda v: isinstance(v, list) and all(op in STORED_OPS for op in v),
             "key operations",
         ),
         enabled=_member(data, "enabled", path, lambda v: isinstance(v, bool), "true or false"),

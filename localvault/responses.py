@@ -13,6 +13,7 @@ from .exceptions import BadParameter, KeyNotFound, VaultError
 from .jwk import b64url_decode, b64url_encode, generate_key
 from .models import (
     ACTION_TYPES,
+    OCT_HSM_OPS_SINCE_7_3,
     TRIGGERS,
     DeletedKey,
     KeyStore,
@@ -286,7 +287,10 @@ def create_key(req: Request, name: str) -> Response:
         managed_hsm=req.store.managed_hsm,
         workers=req.store.workers,
     )
-    key = req.store.add_version(name, kty, private_key, key_ops=key_ops, tags=tags, **attributes)
+    default_ops = OCT_HSM_OPS_SINCE_7_3 if kty == "oct-HSM" and _since(req, "7.3") else None
+    key = req.store.add_version(
+        name, kty, private_key, key_ops=key_ops, tags=tags, default_ops=default_ops, **attributes
+    )
     return 200, key_bundle(req, key)
 
 
