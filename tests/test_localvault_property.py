@@ -37,9 +37,10 @@ WORDS = ["RSA", "EC", "RSA-HSM", "EC-HSM", "oct", "P-256", "P-521", "sign", "AQA
 
 
 def _template(pattern: str) -> str:
-    """A route's pattern as a format string with {name}, {version} and {slash}."""
+    """A route's pattern as a format string with {name}, {version}, {optional_version} and {slash}."""
     template = (
         pattern.replace(urls.NAME, "{name}")
+        .replace(urls.OPTIONAL_VERSION, "{optional_version}")
         .replace(urls.ANY_VERSION, "{version}")
         .replace(urls.VERSION, "{version}")
         .replace("/?", "{slash}")
@@ -90,7 +91,10 @@ def requests_for(draw: Any, route: urls.Route, token: str) -> Tuple[str, bytes]:
         st.one_of(st.just(route.method), st.sampled_from(_METHODS), st.from_regex(_TOKEN, fullmatch=True))
     )
     path = _template(route.pattern).format(
-        name=draw(_segment()), version=draw(_segment()), slash=draw(st.sampled_from(["", "/"]))
+        name=draw(_segment()),
+        version=draw(_segment()),
+        optional_version=draw(st.one_of(st.just(""), _segment().map(lambda version: "/" + version))),
+        slash=draw(st.sampled_from(["", "/"])),
     )
     query = draw(
         st.lists(
