@@ -396,7 +396,11 @@ def _rotation_policy_json(req: Request, name: str, policy: RotationPolicy) -> Di
 
 
 def get_key_rotation_policy(req: Request, name: str) -> Response:
-    return 200, _rotation_policy_json(req, *req.store.get_rotation_policy(_name(name)))
+    stored_name, policy = req.store.get_rotation_policy(_name(name))
+    if policy.created is None and not req.store.managed_hsm and not _since(req, "7.3"):
+        # a key that never had a policy, as a vault answered in the 7.3-preview days (recorded in 2021)
+        return 200, {"lifetimeActions": None, "attributes": None}
+    return 200, _rotation_policy_json(req, stored_name, policy)
 
 
 def _lifetime_action(item: Any) -> LifetimeAction:

@@ -14,6 +14,8 @@ Key vault
 - attributes by api-version -> test_attributes_by_api_version (the latest: test_localvault_wire.py::
   test_key_bundle_shape_and_headers)
 
+- (known list) a rotation policy never set, by api-version -> test_rotation_policy_never_set_by_api_version
+
 Managed HSM mode
 - RSA exponents other than 3 and 65537, key attestation, OKP keys: tested with their implementation
 - kty RSA answered as RSA-HSM -> TestManagedHsm.test_rsa_is_answered_as_rsa_hsm
@@ -227,6 +229,27 @@ def test_attributes_by_api_version(raw, unique_key_name, api_version, members):
     assert set(attributes) == members
     assert attributes["enabled"] is False and attributes["recoveryLevel"] == "Recoverable+Purgeable"
     assert attributes.get("recoverableDays", 90) == 90 and attributes.get("exportable", False) is False
+
+
+def test_rotation_policy_never_set_by_api_version(raw, unique_key_name):
+    # net/rotation-policy-default-new-key.json (7.3-preview) and js/rotation-policy-none-yet-nulls-nock-2021.json
+    _create(raw, unique_key_name, "7.3-preview", kty="RSA")
+    path = f"/keys/{unique_key_name}/rotationpolicy"
+    response = raw.request("GET", path, api_version="7.3-preview")
+    assert response.status_code == 200
+    assert response.json() == {"lifetimeActions": None, "attributes": None}
+    # From 7.3 on no recording shows a key that never had a policy: localvault answers its default, which
+    # is what python/rotation-policy-update-get-7.3.json's PUT of no actions came back with.
+    policy = raw.request("GET", path, api_version="7.3").json()
+    assert policy == {
+        "id": f"{raw.vault.url}{path}",
+        "lifetimeActions": [{"trigger": {"timeBeforeExpiry": "P30D"}, "action": {"type": "Notify"}}],
+        "attributes": {},
+    }
+    raw.request("PUT", path, api_version="7.3-preview", json={"lifetimeActions": [], "attributes": {}})
+    assert (
+        raw.request("GET", path, api_version="7.3-preview").json()["id"] == policy["id"]
+    )  # once set, a policy
 
 
 def test_backup_of_a_missing_key(raw, unique_key_name):
