@@ -16,8 +16,8 @@ Key vault
   test_key_bundle_shape_and_headers)
 - (known list) release policies, kept as data: an immutable one refuses an update
   -> test_an_immutable_release_policy_cannot_be_updated; through the SDK, and in a backup
-  -> test_an_exportable_key_and_its_release_policy_through_the_sdk; a Managed HSM's, written back and
-  updated -> TestManagedHsm.test_release_policy_is_written_back_and_updated
+  -> test_an_exportable_key_and_its_release_policy_through_the_sdk, test_a_release_policy_survives_a_restart;
+  a Managed HSM's, written back and updated -> TestManagedHsm.test_release_policy_is_written_back_and_updated
 - (known list) a rotation policy never set, by api-version -> test_rotation_policy_never_set_by_api_version
 
 Managed HSM mode
@@ -204,6 +204,23 @@ def test_an_exportable_key_and_its_release_policy_through_the_sdk(key_client, un
     restored = key_client.restore_key_backup(blob)
     assert restored.properties.exportable is True
     assert restored.properties.release_policy.encoded_policy == unb64(VAULT_POLICY_WRITTEN)
+
+
+def test_a_release_policy_survives_a_restart(tmp_path):
+    from azure.keyvault.keys import KeyReleasePolicy
+
+    policy = KeyReleasePolicy(unb64(RELEASE_POLICY["data"]), immutable=True)
+    with LocalVault(data_dir=str(tmp_path), data_key="a passphrase of the test") as vault:
+        client = vault.key_client()
+        client.create_ec_key("kept", hardware_protected=True, exportable=True, release_policy=policy)
+        client.close()
+    with LocalVault(data_dir=str(tmp_path), data_key="a passphrase of the test") as vault:
+        client = vault.key_client()
+        kept = client.get_key("kept")
+        client.close()
+    assert kept.properties.exportable is True
+    assert kept.properties.release_policy.immutable is True
+    assert kept.properties.release_policy.encoded_policy == unb64(VAULT_POLICY_WRITTEN)
 
 
 def _token(localvault: LocalVault, audience: str, issuer: str = ISSUER, lifetime: int = 3600) -> str:
