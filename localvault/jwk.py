@@ -25,7 +25,8 @@ CURVES: Dict[str, ec.EllipticCurve] = {
 KEY_TYPES = {"RSA": "RSA", "RSA-HSM": "RSA", "EC": "EC", "EC-HSM": "EC", "oct": "oct", "oct-HSM": "oct"}
 MANAGED_HSM_TYPES = {"oct", "oct-HSM"}
 RSA_SIZES = (2048, 3072, 4096)
-RSA_EXPONENTS = (3, 65537)
+RSA_EXPONENTS = (3, 65537)  # a key vault's
+MAX_HSM_RSA_EXPONENT = 2**31 - 1  # a Managed HSM takes any odd exponent of keys.json's int32 from 3
 SYMMETRIC_SIZES = (128, 192, 256)
 _CURVE_NAMES = {type(curve).__name__: name for name, curve in CURVES.items()}
 _BASE64URL = re.compile(r"^[A-Za-z0-9_-]*={0,2}$")
@@ -171,7 +172,13 @@ def generate_key(
         if size not in RSA_SIZES:
             raise BadParameter(f"Invalid key size: {size}. RSA keys must be 2048, 3072 or 4096 bits.")
         exponent = 65537 if public_exponent is None else public_exponent
-        if exponent not in RSA_EXPONENTS:
+        if managed_hsm:
+            if not (3 <= exponent <= MAX_HSM_RSA_EXPONENT and exponent % 2):
+                shown = exponent if abs(exponent) <= 2**64 else "out of range"
+                raise BadParameter(
+                    f"Invalid public exponent: {shown}. It must be odd, from 3 to {MAX_HSM_RSA_EXPONENT}."
+                )
+        elif exponent not in RSA_EXPONENTS:
             raise BadParameter(f"Invalid public exponent: {exponent}. Supported values: 3, 65537.")
         return (workers or INLINE).generate_rsa(size, exponent)
     curve = "P-256" if crv is None else crv
@@ -180,10 +187,13 @@ def generate_key(
     return ec.generate_private_key(CURVES[curve])
 
 
-def regenerate_key(kty: str, key: PrivateKey, workers: Optional[CryptoWorkers] = None) -> PrivateKey:
+def regenerate_key(
+    kty: str, key: PrivateKey, workers: Optional[CryptoWorkers] = None, managed_hsm: bool = False
+) -> PrivateKey:
     """A fresh private key of type ``kty`` and of the same size or curve (and public exponent) as ``key``."""
     if isinstance(key, bytes):  # oct-HSM: only a Managed HSM has them
         return generate_key(kty, len(key) * 8, None, None, managed_hsm=True)
     if isinstance(key, rsa.RSAPrivateKey):
-        return generate_key(kty, key.key_size, key.public_key().public_numbers().e, None, workers=workers)
+        e = key.public_key().public_numbers().e
+        return generate_key(kty, key.key_size, e, None, managed_hsm=managed_hsm, workers=workers)
     return generate_key(kty, None, None, curve_name(key))

@@ -513,7 +513,7 @@ class KeyStore(WriteOrdering):
             for record, template, policy, dues in claimed:
                 lower = record.name.lower()
                 try:
-                    keys = [regenerate_key(template.kty, template.private_key, self.workers) for _ in dues]
+                    keys = [regenerate_key(template.kty, template.private_key, self.workers, self.managed_hsm) for _ in dues]
                 except VaultError:  # a key the vault cannot make again (e.g. an imported odd exponent)
                     keys = []
                 with self._lock:
@@ -811,7 +811,7 @@ class KeyStore(WriteOrdering):
             template = record.current()
         # Generating is slow, so it happens outside the lock, as for create; the key must still be the
         # one it started on: 404 if it is gone, 409 if the name is now another key's.
-        private_key = regenerate_key(template.kty, template.private_key, self.workers)
+        private_key = regenerate_key(template.kty, template.private_key, self.workers, self.managed_hsm)
         with self._locked(name):
             now = self._catch_up()
             if self._record(name) is not record:

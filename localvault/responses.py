@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 from urllib.parse import quote, urlsplit
 
-from . import crypto
+from . import attestation, crypto
 from .exceptions import BadParameter, KeyNotFound, VaultError
 from .jwk import b64url_decode, b64url_encode, generate_key
 from .models import (
@@ -589,10 +589,11 @@ def release_key(req: Request, name: str, version: str = "") -> Response:
 
 def get_key_attestation(req: Request, name: str, version: str = "") -> Response:
     key = req.store.get(_name(name), version)
-    raise BadParameter(
-        f"Key {key.name} has no attestation: attestation needs the HSM's attestation service, "
-        "which localvault does not have."
-    )
+    if not req.store.managed_hsm:
+        raise BadParameter(f"Key {key.name} has no attestation: key attestation is served by a Managed HSM only.")
+    bundle = key_bundle(req, key)
+    bundle["attributes"]["attestation"] = attestation.attestation(key)  # emulated: proves nothing
+    return 200, bundle
 
 
 def get_random_bytes(req: Request) -> Response:

@@ -1,5 +1,5 @@
-"""CPU-bound RSA work (generation, and the primality checks of an imported key) in worker processes:
-``cryptography`` holds the GIL for it, which would stall every other request of the vault.
+"""CPU-bound RSA work (generation, for any public exponent, and the primality checks of an imported key) in
+worker processes: ``cryptography`` holds the GIL for it, which would stall every other request of the vault.
 
 The pool starts on first use (about 0.1 s, paid by that request only) and is shut down with the vault;
 until then the vault costs nothing for it. Where no process can be started, the work runs inline."""
@@ -12,17 +12,44 @@ import os
 import threading
 from concurrent.futures import Executor, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from typing import Callable, Optional, Tuple, TypeVar
+from typing import Callable, List, Optional, Tuple, TypeVar
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 T = TypeVar("T")
 RsaNumbers = Tuple[int, int, int, int, int, int, int, int]  # p, q, d, dp, dq, qi, e, n
+OPENSSL_EXPONENTS = (3, 65537)  # the only ones cryptography generates keys for
+# Primes drawn for another exponent before giving up: each fits with probability above 1/5 for any odd
+# exponent below 2**31, so running out happens with probability below 10**-18.
+MAX_PRIMES_DRAWN = 200
+
+
+def _rsa_with_exponent(size: int, exponent: int) -> rsa.RSAPrivateKey:
+    """A key of ``size`` bits for an exponent OpenSSL does not generate for: the primes of keys OpenSSL
+    makes (random primes of half the size, each at least sqrt(2)·2^(size/2-1)), keeping those with
+    gcd(exponent, p-1) = 1; then d and the CRT members for ``exponent``, and OpenSSL's full check."""
+    half = size // 2
+    fitting: List[int] = []
+    for _ in range(MAX_PRIMES_DRAWN // 2):
+        numbers = rsa.generate_private_key(public_exponent=65537, key_size=size).private_numbers()
+        fitting += [p for p in (numbers.p, numbers.q) if math.gcd(exponent, p - 1) == 1]
+        while len(fitting) >= 2:
+            p, q = fitting.pop(), fitting.pop()
+            if (p * q).bit_length() != size or abs(p - q).bit_length() <= half - 100:
+                continue
+            d = pow(exponent, -1, math.lcm(p - 1, q - 1))
+            dp, dq, qi = rsa.rsa_crt_dmp1(d, p), rsa.rsa_crt_dmq1(d, q), rsa.rsa_crt_iqmp(p, q)
+            public = rsa.RSAPublicNumbers(exponent, p * q)
+            return rsa.RSAPrivateNumbers(p, q, d, dp, dq, qi, public).private_key()
+    raise ValueError(f"no primes fitting the exponent {exponent} were found")
 
 
 def _generate_rsa(size: int, exponent: int) -> bytes:
-    key = rsa.generate_private_key(public_exponent=exponent, key_size=size)
+    if exponent in OPENSSL_EXPONENTS:
+        key = rsa.generate_private_key(public_exponent=exponent, key_size=size)
+    else:
+        key = _rsa_with_exponent(size, exponent)
     return key.private_bytes(
         serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )

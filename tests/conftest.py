@@ -4,11 +4,7 @@ helpers.py."""
 
 from __future__ import annotations
 
-import signal
 import socket
-import subprocess
-import sys
-import threading
 from types import SimpleNamespace
 from typing import Any, Dict, Iterator, List
 from unittest import mock
@@ -16,11 +12,10 @@ from unittest import mock
 import pytest
 from azure.keyvault.keys import KeyClient
 from helpers import (
-    EXPORTED_NAMES,
-    REPO,
     VAULT,
     FakePoller,
     RawVault,
+    Standalone,
     environ_without_vaults,
     fake_key,
     is_loopback,
@@ -72,30 +67,11 @@ def clean_env() -> Dict[str, str]:
 @pytest.fixture
 def standalone_localvault(clean_env: Dict[str, str]) -> Iterator[Dict[str, str]]:
     """`python -m localvault --port 0` in its own process; yields the variables it exports; stops it with SIGTERM."""
-    from localvault.cli import read_exports
-
-    process = subprocess.Popen(
-        [sys.executable, "-m", "localvault", "--port", "0"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=clean_env,
-        cwd=REPO,
-    )
-    watchdog = threading.Timer(60, process.kill)  # if it never prints its exports, fail instead of hanging
-    watchdog.start()
+    vault = Standalone(env=clean_env)
     try:
-        assert process.stdout is not None
-        exports = read_exports(process.stdout)
-        watchdog.cancel()
-        assert set(exports) == set(EXPORTED_NAMES)
-        yield exports
+        yield vault.exports
     finally:
-        watchdog.cancel()
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-        rest, errors = process.communicate(timeout=60)
-    assert process.returncode == 0, errors
+        rest, _ = vault.stop()
     assert "# localvault stopped." in rest
 
 

@@ -1,11 +1,16 @@
-"""What the tests share besides fixtures: localvault on the wire below the SDK, kv_keys.py's environment and
-report, and a KeyClient double's parts (the fixtures that use them are in conftest.py)."""
+"""What the tests share besides fixtures: localvault on the wire below the SDK or in its own process,
+kv_keys.py's environment and report, and a KeyClient double's parts (the fixtures that use them are in
+conftest.py)."""
 
 from __future__ import annotations
 
 import ipaddress
 import json
 import os
+import signal
+import subprocess
+import sys
+import threading
 from datetime import datetime, timezone
 from pathlib import Path
 from types import SimpleNamespace
@@ -16,6 +21,7 @@ import requests
 from azure.core.exceptions import HttpResponseError, ResourceNotFoundError
 
 import kv_keys
+from localvault.cli import read_exports
 
 API_VERSION = "2025-07-01"
 # What `python -m localvault` exports: the proxy, trust for every SDK, the identity endpoint, the direct URL.
@@ -236,3 +242,42 @@ def run(capsys: pytest.CaptureFixture[str], *argv: str) -> Tuple[int, str, str]:
     out, err = capsys.readouterr()
     return code, out, err
 
+
+class Standalone:
+    """`python -m localvault --port 0 ARGS` in its own process, its export lines read (from stdout, or from its
+    `--env-file`); `stop()` ends it with SIGTERM and returns the rest of its output."""
+
+    def __init__(self, *args: str, env: Optional[Dict[str, str]] = None) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "localvault", "--port", "0", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=environ_without_vaults() if env is None else env,
+            cwd=REPO,
+        )
+        watchdog = threading.Timer(60, self.process.kill)  # if it never prints its exports, fail, not hang
+        watchdog.start()
+        try:
+            assert self.process.stdout is not None
+            self.exports = read_exports(self.process.stdout)
+        finally:
+            watchdog.cancel()
+        if "--env-file" in args:  # the export lines went to the file, not to stdout
+            assert self.exports == {}
+            self.exports = read_exports(Path(args[args.index("--env-file") + 1]).read_text().splitlines())
+        assert set(self.exports) == set(EXPORTED_NAMES), self.exports
+
+    @property
+    def proxy_port(self) -> int:
+        return int(self.exports["HTTPS_PROXY"].rsplit(":", 1)[1])
+
+    def env(self) -> Dict[str, str]:
+        return dict(environ_without_vaults(), **self.exports)
+
+    def stop(self) -> Tuple[str, str]:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        rest, errors = self.process.communicate(timeout=60)
+        assert self.process.returncode == 0, errors
+        return rest, errors

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import socket
 import ssl
 import subprocess
@@ -26,10 +25,9 @@ from azure.core.exceptions import HttpResponseError, ResourceNotFoundError, Serv
 from azure.identity import DefaultAzureCredential
 from azure.keyvault.keys import KeyClient
 from azure.keyvault.keys.crypto import CryptographyClient, SignatureAlgorithm
-from helpers import EXPORTED_NAMES, REPO, environ_without_vaults
+from helpers import EXPORTED_NAMES, REPO, Standalone, environ_without_vaults
 
 from localvault import LocalVault
-from localvault.cli import read_exports
 
 API = {"api-version": "2025-07-01"}
 JS = REPO / "tests" / "js"
@@ -43,43 +41,6 @@ def fresh_name(prefix: str = "p") -> str:
 # --------------------------------------------------------------------------------------------------------
 # A standalone localvault, and programs that see only its export lines
 # --------------------------------------------------------------------------------------------------------
-
-
-class Standalone:
-    def __init__(self, *args: str) -> None:
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "localvault", "--port", "0", *args],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=environ_without_vaults(),
-            cwd=REPO,
-        )
-        watchdog = threading.Timer(60, self.process.kill)  # if it never prints its exports, fail, not hang
-        watchdog.start()
-        try:
-            assert self.process.stdout is not None
-            self.exports = read_exports(self.process.stdout)
-        finally:
-            watchdog.cancel()
-        if "--env-file" in args:  # the export lines went to the file, not to stdout
-            assert self.exports == {}
-            self.exports = read_exports(Path(args[args.index("--env-file") + 1]).read_text().splitlines())
-        assert set(self.exports) == set(EXPORTED_NAMES), self.exports
-
-    @property
-    def proxy_port(self) -> int:
-        return int(self.exports["HTTPS_PROXY"].rsplit(":", 1)[1])
-
-    def env(self) -> Dict[str, str]:
-        return dict(environ_without_vaults(), **self.exports)
-
-    def stop(self) -> Tuple[str, str]:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        rest, errors = self.process.communicate(timeout=60)
-        assert self.process.returncode == 0, errors
-        return rest, errors
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,280 @@
+"""Managed HSM keys the SDK's own tests use: RSA keys with any odd public exponent, and key attestation
+(emulated: it proves nothing).
+
+Each test has a Managed HSM of its own at https://NAME.managedhsm.azure.net (the plugin's ``vault_at_url``
+with ``localvault_options`` overridden below); the key vault tests use the session's vault.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import re
+from typing import Any, Dict, Iterator, Tuple
+
+import pytest
+from azure.core.exceptions import HttpResponseError
+from azure.keyvault.keys.crypto import SignatureAlgorithm
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding, rsa, utils
+from helpers import RawVault, error_of
+
+from localvault import LocalVault
+
+RESOURCE = "https://managedhsm.azure.net"
+ALL_RSA_OPS = ["decrypt", "encrypt", "sign", "unwrapKey", "verify", "wrapKey"]
+
+
+@pytest.fixture
+def localvault_options() -> Dict[str, Any]:
+    return {"managed_hsm": True}
+
+
+@pytest.fixture
+def hsm_client(vault_at_url: LocalVault) -> Iterator[Any]:
+    client = vault_at_url.key_client()
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def hsm_raw(vault_at_url: LocalVault) -> Iterator[RawVault]:
+    raw = RawVault(vault_at_url)
+    token = vault_at_url.credential().get_token(RESOURCE + "/.default").token
+    raw.session.headers["Authorization"] = f"Bearer {token}"
+    yield raw
+    raw.close()
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def _never(*args: Any, **kwargs: Any) -> Any:
+    raise AssertionError("CPU-bound RSA work in the vault's process")
+
+
+def message_of(response: Any) -> str:
+    """The error message without a Managed HSM's ``(Activity ID: ...)`` suffix, which must name the
+    answer's request id if it is there."""
+    message = error_of(response)["message"]
+    match = re.fullmatch(r"(.*) \(Activity ID: ([^)]*)\)", message, re.DOTALL)
+    if match is None:
+        return message
+    assert match.group(2) == response.headers["x-ms-request-id"]
+    return match.group(1)
+
+
+# -- RSA public exponents -------------------------------------------------------------------------
+
+
+def test_rsa_public_exponent_17_as_the_sdk_test_creates_it(
+    vault_at_url, hsm_client, unique_key_name, monkeypatch
+):
+    monkeypatch.setattr(rsa, "generate_private_key", _never)  # only a worker process may generate
+    key = hsm_client.create_rsa_key(unique_key_name, hardware_protected=True, public_exponent=17)
+    assert key.key.e == b"\x11"
+    assert key.key_type == "RSA-HSM"
+    assert sorted(key.key_operations) == ALL_RSA_OPS
+    assert len(key.key.n) == 256 and key.key.n[0] >= 0x80
+    assert hsm_client.get_key(unique_key_name).key.e == b"\x11"
+
+    # the key works: a signature the HSM makes verifies under (n, 17) with cryptography
+    digest = hashlib.sha256(b"exponent seventeen").digest()
+    with vault_at_url.crypto_client(key.id) as crypto:
+        signature = crypto.sign(SignatureAlgorithm.rs256, digest).signature
+    public = rsa.RSAPublicNumbers(17, int.from_bytes(key.key.n, "big")).public_key()
+    public.verify(signature, digest, padding.PKCS1v15(), utils.Prehashed(hashes.SHA256()))
+
+
+@pytest.mark.parametrize(("size", "exponent"), [(3072, 5), (4096, 2**31 - 1), (2048, 3), (2048, 65537)])
+def test_rsa_public_exponents_and_sizes(hsm_raw, unique_key_name, size, exponent):
+    body = {"kty": "RSA", "key_size": size, "public_exponent": exponent}
+    response = hsm_raw.request("POST", f"/keys/{unique_key_name}/create", json=body)
+    assert response.status_code == 200, response.text
+    jwk = response.json()["key"]
+    assert jwk["kty"] == "RSA-HSM"
+    e = exponent.to_bytes((exponent.bit_length() + 7) // 8, "big")
+    assert jwk["e"] == _b64(e)
+    assert len(_unb64(jwk["n"])) * 8 == size
+
+
+def test_rotation_keeps_the_public_exponent(hsm_client, unique_key_name):
+    key = hsm_client.create_rsa_key(unique_key_name, hardware_protected=True, public_exponent=257)
+    rotated = hsm_client.rotate_key(unique_key_name)
+    assert rotated.key.e == b"\x01\x01" == key.key.e
+    assert rotated.key.n != key.key.n and rotated.properties.version != key.properties.version
+
+
+@pytest.mark.parametrize("exponent", [4, 65536, 1, 0, -3, 2**31 + 1, 2**64])
+def test_rsa_public_exponent_must_be_odd_and_in_range(hsm_raw, unique_key_name, exponent):
+    response = hsm_raw.request(
+        "POST", f"/keys/{unique_key_name}/create", json={"kty": "RSA-HSM", "public_exponent": exponent}
+    )
+    assert response.status_code == 400
+    assert error_of(response)["code"] == "BadParameter"
+    assert message_of(response) == (
+        f"Invalid public exponent: {exponent}. It must be odd, from 3 to 2147483647."
+    )
+    assert hsm_raw.request("GET", f"/keys/{unique_key_name}").status_code == 404
+
+
+def test_a_key_vault_keeps_to_3_and_65537(key_client, unique_key_name):
+    with pytest.raises(HttpResponseError) as info:
+        key_client.create_rsa_key(unique_key_name, hardware_protected=True, public_exponent=17)
+    assert info.value.status_code == 400 and info.value.error.code == "BadParameter"
+    assert info.value.error.message == "Invalid public exponent: 17. Supported values: 3, 65537."
+
+
+# -- key attestation ------------------------------------------------------------------------------
+
+
+def _jws_parts(blob: bytes) -> Tuple[Dict[str, Any], Dict[str, Any], bytes, bytes]:
+    header, payload, signature = blob.split(b".")
+    return (
+        json.loads(_unb64(header.decode())),
+        json.loads(_unb64(payload.decode())),
+        signature,
+        header + b"." + payload,
+    )
+
+
+def _check_attestation(attestation: Any, key: Any, asymmetric: bool) -> Dict[str, Any]:
+    """The chain is the attestation CA's; each blob is a JWS its signer signed, about this key version.
+    Returns the private key attestation's payload."""
+    signer, ca = x509.load_pem_x509_certificates(attestation.certificate_pem_file)
+    assert ca.subject.rfc4514_string() == "CN=localvault attestation CA — proves nothing,O=localvault"
+    assert signer.issuer == ca.subject == ca.issuer
+    signer.verify_directly_issued_by(ca)
+    ca.verify_directly_issued_by(ca)
+    assert attestation.version == "1.0"
+    blobs = [("private key", attestation.private_key_attestation)]
+    if asymmetric:
+        blobs.append(("public key", attestation.public_key_attestation))
+    else:
+        assert attestation.public_key_attestation is None
+    payloads = []
+    for attests, blob in blobs:
+        header, payload, signature, signed = _jws_parts(blob)
+        assert header["alg"] == "EdDSA"
+        assert base64.b64decode(header["x5c"][0]) == signer.public_bytes(serialization.Encoding.DER)
+        signer.public_key().verify(_unb64(signature.decode()), signed)
+        assert payload["attests"] == attests
+        assert (payload["name"], payload["version"]) == (key.name, key.properties.version)
+        assert payload["kty"] == key.key_type
+        assert (
+            payload["statement"] == "emulated by localvault: this attestation proves nothing about hardware"
+        )
+        payloads.append(payload)
+    return payloads[0]
+
+
+def test_get_key_attestation_as_the_sdk_test_does(hsm_client, unique_key_name):
+    key = hsm_client.create_rsa_key(unique_key_name, hardware_protected=True)
+    attested = hsm_client.get_key_attestation(unique_key_name)
+    assert attested.id == key.id and attested.key.n == key.key.n
+    attestation = attested.properties.attestation
+    payload = _check_attestation(attestation, key, asymmetric=True)
+    public = _jws_parts(attestation.public_key_attestation)[1]
+    assert public["jwk"] == {"n": _b64(key.key.n), "e": "AQAB"}
+    thumbprint_input = json.dumps({"e": "AQAB", "kty": "RSA", "n": _b64(key.key.n)}, separators=(",", ":"))
+    assert payload["jkt"] == public["jkt"] == _b64(hashlib.sha256(thumbprint_input.encode()).digest())
+
+    # the same attestation for the same version, by name or by version, after an update too
+    hsm_client.update_key_properties(unique_key_name, tags={"t": "v"})
+    again = hsm_client.get_key_attestation(unique_key_name, version=key.properties.version)
+    assert again.properties.attestation.__dict__ == attestation.__dict__
+    assert again.properties.tags == {"t": "v"}
+
+    # a new version has a new one, and the old version keeps its own
+    rotated = hsm_client.rotate_key(unique_key_name)
+    new = hsm_client.get_key_attestation(unique_key_name).properties.attestation
+    assert new.private_key_attestation != attestation.private_key_attestation
+    assert new.public_key_attestation != attestation.public_key_attestation
+    assert new.certificate_pem_file == attestation.certificate_pem_file
+    _check_attestation(new, rotated, asymmetric=True)
+    old = hsm_client.get_key_attestation(unique_key_name, version=key.properties.version)
+    assert old.properties.attestation.__dict__ == attestation.__dict__
+
+
+def test_an_ec_key_attestation(hsm_client, unique_key_name):
+    key = hsm_client.create_ec_key(unique_key_name, curve="P-384", hardware_protected=True)
+    attestation = hsm_client.get_key_attestation(unique_key_name).properties.attestation
+    _check_attestation(attestation, key, asymmetric=True)
+    public = _jws_parts(attestation.public_key_attestation)[1]
+    assert public["jwk"] == {"crv": "P-384", "x": _b64(key.key.x), "y": _b64(key.key.y)}
+
+
+def test_a_symmetric_key_has_only_a_private_key_attestation(hsm_client, hsm_raw, unique_key_name):
+    key = hsm_client.create_oct_key(unique_key_name, size=256, hardware_protected=True)
+    attestation = hsm_client.get_key_attestation(unique_key_name).properties.attestation
+    payload = _check_attestation(attestation, key, asymmetric=False)
+    assert "jkt" not in payload and "jwk" not in payload
+
+    version = key.properties.version
+    response = hsm_raw.request("GET", f"/keys/{unique_key_name}/{version}/attestation")
+    assert response.status_code == 200
+    body = response.json()
+    assert set(body) == {"key", "attributes"}
+    assert set(body["attributes"]["attestation"]) == {
+        "certificatePemFile",
+        "privateKeyAttestation",
+        "version",
+    }
+    assert _unb64(body["attributes"]["attestation"]["certificatePemFile"]).startswith(
+        b"-----BEGIN CERTIFICATE"
+    )
+    # the attestation is only in the attestation's answer
+    assert (
+        "attestation" not in hsm_raw.request("GET", f"/keys/{unique_key_name}/{version}").json()["attributes"]
+    )
+
+
+def test_attestation_of_a_missing_key_or_version(hsm_raw, hsm_client, unique_key_name):
+    response = hsm_raw.request("GET", f"/keys/{unique_key_name}//attestation")
+    assert response.status_code == 404 and error_of(response)["code"] == "KeyNotFound"
+    hsm_client.create_ec_key(unique_key_name, hardware_protected=True)
+    response = hsm_raw.request("GET", f"/keys/{unique_key_name}/{'0' * 32}/attestation")
+    assert response.status_code == 404 and error_of(response)["code"] == "KeyNotFound"
+
+
+def test_a_restored_key_keeps_its_attestation(hsm_client, unique_key_name):
+    key = hsm_client.create_rsa_key(unique_key_name, hardware_protected=True)
+    before = hsm_client.get_key_attestation(unique_key_name).properties.attestation
+    backup = hsm_client.backup_key(unique_key_name)
+    hsm_client.begin_delete_key(unique_key_name).wait()
+    hsm_client.purge_deleted_key(unique_key_name)
+    restored = hsm_client.restore_key_backup(backup)
+    assert restored.properties.version == key.properties.version
+    after = hsm_client.get_key_attestation(unique_key_name).properties.attestation
+    assert after.__dict__ == before.__dict__
+
+
+def test_attestation_survives_a_restart(tmp_path):
+    data_dir = str(tmp_path / "hsm")
+    with LocalVault(managed_hsm=True, data_dir=data_dir, data_key="a passphrase") as hsm:
+        client = hsm.key_client()
+        client.create_ec_key("attested", hardware_protected=True)
+        before = client.get_key_attestation("attested").properties.attestation
+        client.close()
+    with LocalVault(managed_hsm=True, data_dir=data_dir, data_key="a passphrase") as hsm:
+        client = hsm.key_client()
+        after = client.get_key_attestation("attested").properties.attestation
+        client.close()
+    assert after.__dict__ == before.__dict__
+
+
+def test_a_key_vault_has_no_key_attestation(key_client, raw, unique_key_name):
+    key_client.create_ec_key(unique_key_name, hardware_protected=True)
+    with pytest.raises(HttpResponseError) as info:
+        key_client.get_key_attestation(unique_key_name)
+    assert info.value.status_code == 400 and info.value.error.code == "BadParameter"
+    assert info.value.error.message == (
+        f"Key {unique_key_name} has no attestation: key attestation is served by a Managed HSM only."
+    )
