@@ -744,11 +744,14 @@ class KeyStore(WriteOrdering):
         nbf: Optional[int] = None,
         exp: Optional[int] = None,
         tags: Optional[Dict[str, str]] = None,
+        exportable: Optional[bool] = None,
         release_policy: Optional[ReleasePolicy] = None,
     ) -> KeyVersion:
         key_ops, tags = validate_key_ops(key_ops), validate_tags(tags)
         with self._locked(name):
             current = self.get(name, version)
+            if exportable is not None and exportable != current.exportable:
+                raise BadParameter("A key is made exportable or not when it is created; an update cannot change that.")
             changes: Dict[str, Any] = {"updated": int(self.clock.now())}
             if release_policy is not None:
                 check_release_policy_change(current, self.managed_hsm)

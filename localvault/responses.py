@@ -363,13 +363,12 @@ def get_key(req: Request, name: str, version: str = "") -> Response:
 def update_key(req: Request, name: str, version: str = "") -> Response:
     _name(name)
     body = req.json()
-    if _field(_field(body, "attributes", dict) or {}, "exportable", bool) is not None:
-        raise BadParameter("A key is made exportable or not when it is created; an update cannot change it.")
     key = req.store.update(
         name,
         version,
         key_ops=_key_ops(body),
         tags=_tags(body),
+        exportable=_field(_field(body, "attributes", dict) or {}, "exportable", bool),
         release_policy=_release_policy(req, body),
         **_attributes(body),
     )

@@ -186,6 +186,11 @@ def test_an_immutable_release_policy_cannot_be_updated(raw, unique_key_name):
     }
     kept = raw.request("GET", f"/keys/{unique_key_name}", api_version="7.3").json()
     assert kept["release_policy"] == created["release_policy"]
+    # the choice made (no recording): an update may name the key's exportable value, not change it
+    same = raw.request("PATCH", f"/keys/{unique_key_name}", json={"attributes": {"exportable": True}})
+    assert same.status_code == 200, same.text
+    changed = raw.request("PATCH", f"/keys/{unique_key_name}", json={"attributes": {"exportable": False}})
+    assert changed.status_code == 400 and error_of(changed)["code"] == "BadParameter"
 
 
 def test_an_exportable_key_and_its_release_policy_through_the_sdk(key_client, unique_key_name):
