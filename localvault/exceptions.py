@@ -37,6 +37,23 @@ class BadParameter(VaultError):
     status = 400
     code = "BadParameter"
 
+    # Key release policies: a vault's words (AKV.SKR.*); a Managed HSM drops the code (and the final stop)
+    @classmethod
+    def _skr(cls, code: str, text: str, managed_hsm: bool) -> BadParameter:
+        return cls(text if managed_hsm else f"AKV.SKR.{code}: {text}.")
+
+    @classmethod
+    def exportable_without_release_policy(cls, managed_hsm: bool) -> BadParameter:
+        return cls._skr("1004", "Exportable keys must have release policy", managed_hsm)
+
+    @classmethod
+    def release_policy_not_exportable(cls, managed_hsm: bool) -> BadParameter:
+        return cls._skr("1005", "Non-exportable keys must not have release policy", managed_hsm)
+
+    @classmethod
+    def immutable_release_policy(cls, managed_hsm: bool) -> BadParameter:
+        return cls._skr("1020", "Immutable Key Release Policy cannot be modified", managed_hsm)
+
 
 class MalformedBackupBlob(VaultError):
     """A blob that is not a backup this vault can open; a Managed HSM takes it for another domain's."""

@@ -87,6 +87,15 @@ _CURVE_TYPES = {type(curve).__name__ for curve in CURVES.values()}
 VAULT_LOCATION = "localvault;location=localvault"
 
 
+@dataclass(frozen=True)
+class ReleasePolicy:
+    """A key release policy, kept as data: localvault stores and returns it, and never releases a key."""
+
+    data: str  # base64url of the policy JSON, as the service writes it back
+    content_type: str
+    immutable: bool
+
+
 @dataclass
 class KeyVersion:
     """One version of a key. Never changed in place once stored: a change stores a new one (``replace``),
@@ -103,6 +112,8 @@ class KeyVersion:
     nbf: Optional[int] = None
     exp: Optional[int] = None
     tags: Optional[Dict[str, str]] = None
+    exportable: bool = False
+    release_policy: Optional[ReleasePolicy] = None
     jwk: Dict[str, str] = field(default_factory=dict, repr=False)
     # Its JSON as backups and the data directory hold it, made once (see record_json); replace() drops it.
     stored: Optional[str] = field(default=None, init=False, repr=False, compare=False)
@@ -219,6 +230,15 @@ def validate_key_ops(key_ops: Optional[List[str]]) -> Optional[List[str]]:
         if op not in KEY_OPS:
             raise BadParameter(f"Invalid key operation: {op!r}. Valid operations: {', '.join(KEY_OPS)}.")
     return list(key_ops)
+
+
+def check_release_policy_change(key: KeyVersion, managed_hsm: bool) -> None:
+    """An update may give a key a new release policy unless the key is not exportable or its policy is
+    immutable."""
+    if not key.exportable:
+        raise BadParameter.release_policy_not_exportable(managed_hsm)
+    if key.release_policy is not None and key.release_policy.immutable:
+        raise BadParameter.immutable_release_policy(managed_hsm)
 
 
 def validate_tags(tags: Optional[Dict[str, str]]) -> Optional[Dict[str, str]]:
@@ -681,6 +701,8 @@ class KeyStore(WriteOrdering):
         exp: Optional[int] = None,
         tags: Optional[Dict[str, str]] = None,
         default_ops: Optional[List[str]] = None,
+        exportable: bool = False,
+        release_policy: Optional[ReleasePolicy] = None,
     ) -> KeyVersion:
         """Store a new version (create or import); the name keeps the case it was first given. Without
         ``key_ops`` it gets ``default_ops``, else its type's default."""
@@ -703,6 +725,8 @@ class KeyStore(WriteOrdering):
                 nbf=nbf,
                 exp=exp,
                 tags=tags,
+                exportable=exportable,
+                release_policy=release_policy,
             )
             self._keys[name.lower()] = record
             record.versions[version.version] = version
@@ -720,11 +744,18 @@ class KeyStore(WriteOrdering):
         nbf: Optional[int] = None,
         exp: Optional[int] = None,
         tags: Optional[Dict[str, str]] = None,
+        exportable: Optional[bool] = None,
+        release_policy: Optional[ReleasePolicy] = None,
     ) -> KeyVersion:
         key_ops, tags = validate_key_ops(key_ops), validate_tags(tags)
         with self._locked(name):
             current = self.get(name, version)
+            if exportable is not None and exportable != current.exportable:
+                raise BadParameter("A key is made exportable or not when it is created; an update cannot change that.")
             changes: Dict[str, Any] = {"updated": int(self.clock.now())}
+            if release_policy is not None:
+                check_release_policy_change(current, self.managed_hsm)
+                changes["release_policy"] = release_policy
             for attr, value in (("key_ops", key_ops), ("enabled", enabled), ("nbf", nbf), ("exp", exp)):
                 if value is not None:
                     changes[attr] = value
@@ -938,6 +969,8 @@ def _version_json(v: KeyVersion) -> str:
                 "nbf": v.nbf,
                 "exp": v.exp,
                 "tags": v.tags,
+                **({"exportable": True} if v.exportable else {}),
+                **({"release_policy": asdict(v.release_policy)} if v.release_policy else {}),
             },
             **_COMPACT,
         )
@@ -1004,6 +1037,8 @@ _VERSION_MEMBERS = (
     "nbf",
     "exp",
     "tags",
+    "exportable",
+    "release_policy",
 )
 
 
@@ -1057,6 +1092,21 @@ def _version_from_dict(data: Any, name: str, path: str) -> KeyVersion:
         nbf=_member(data, "nbf", path, is_integer, "a date", optional=True),
         exp=_member(data, "exp", path, is_integer, "a date", optional=True),
         tags=None if tags is None else dict(tags),
+        exportable=bool(
+            _member(data, "exportable", path, lambda v: isinstance(v, bool), "a boolean", optional=True)
+        ),
+        release_policy=_release_policy_from_dict(data.get("release_policy"), path + "release_policy."),
+    )
+
+
+def _release_policy_from_dict(data: Any, path: str) -> Optional[ReleasePolicy]:
+    if data is None:
+        return None
+    _only(data, ("data", "content_type", "immutable"), path)
+    return ReleasePolicy(
+        data=_member(data, "data", path, lambda v: isinstance(v, str), "base64url"),
+        content_type=_member(data, "content_type", path, lambda v: isinstance(v, str), "a content type"),
+        immutable=_member(data, "immutable", path, lambda v: isinstance(v, bool), "true or false"),
     )
 
 

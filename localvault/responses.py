@@ -19,6 +19,7 @@ from .models import (
     KeyStore,
     KeyVersion,
     LifetimeAction,
+    ReleasePolicy,
     RotationPolicy,
     key_from_jwk,
     validate_key_ops,
@@ -101,8 +102,6 @@ def _tags(body: Dict[str, Any]) -> Optional[Dict[str, str]]:
 
 def _attributes(body: Dict[str, Any]) -> Dict[str, Any]:
     attributes = _field(body, "attributes", dict) or {}
-    if _field(attributes, "exportable", bool):
-        raise BadParameter("Exportable keys need a release policy, which localvault does not emulate.")
     return {
         "enabled": _field(attributes, "enabled", bool),
         "nbf": _field(attributes, "nbf", int),
@@ -110,28 +109,68 @@ def _attributes(body: Dict[str, Any]) -> Dict[str, Any]:
     }
 
 
-def _no_release_policy(body: Dict[str, Any]) -> None:
-    if body.get("release_policy") is not None:
-        raise BadParameter("Key release policies are not emulated by localvault.")
+POLICY_CONTENT_TYPE = "application/json; charset=utf-8"
+# The order a key vault writes a release policy's members back in, as recorded at 7.3 (the grammar's)
+_POLICY_ORDER = {member: rank for rank, member in enumerate(("version", "authority", "claim", "anyOf"))}
 
 
-def _check_release(req: Request, body: Dict[str, Any]) -> None:
-    """A new key: the service's refusals of an exportable key without a release policy and of a policy on
-    a key that is not exportable; both together would need release policies, which are not emulated."""
-    exportable = _field(_field(body, "attributes", dict) or {}, "exportable", bool)
-    policy = body.get("release_policy") is not None
-    hsm = req.store.managed_hsm
-    if exportable and not policy:
-        raise BadParameter(
-            "Exportable keys must have release policy" if hsm else "AKV.SKR.1004: Exportable keys must have release policy."
-        )
-    if policy and not exportable:
-        raise BadParameter(
-            "Non-exportable keys must not have release policy"
-            if hsm
-            else "AKV.SKR.1005: Non-exportable keys must not have release policy."
-        )
-    _no_release_policy(body)
+MAX_POLICY_DEPTH = 32  # objects and arrays within each other: the grammar needs a few
+
+
+def _nesting(value: Any) -> int:
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            deepest = max(deepest, depth)
+            if deepest > MAX_POLICY_DEPTH:
+                break
+            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return deepest
+
+
+def _grammar_order(value: Any) -> Any:
+    if isinstance(value, list):
+        return [_grammar_order(item) for item in value]
+    if not isinstance(value, dict):
+        return value
+    ordered = sorted(value, key=lambda member: _POLICY_ORDER.get(member, len(_POLICY_ORDER)))
+    return {member: _grammar_order(value[member]) for member in ordered}
+
+
+def _release_policy(req: Request, body: Dict[str, Any]) -> Optional[ReleasePolicy]:
+    """A request's release policy, kept as the service writes it back: version "1.0" as "1.0.0" (a Managed
+    HSM, recorded at 7.3) and, by a key vault, each object's members in the grammar's order (recorded at 7.3)."""
+    raw = _field(body, "release_policy", dict)
+    if raw is None:
+        return None
+    data = _bytes(raw, "data", required=True)
+    try:
+        policy = json.loads(data.decode("utf-8"))  # type: ignore[union-attr]
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        policy = None
+    if not isinstance(policy, dict):
+        raise BadParameter("Key Release Policy: the policy data must be a JSON object.")
+    if _nesting(policy) > MAX_POLICY_DEPTH:
+        raise BadParameter(f"Key Release Policy: the policy nests deeper than {MAX_POLICY_DEPTH} levels.")
+    if policy.get("version") == "1.0":
+        policy["version"] = "1.0.0"
+    if not req.store.managed_hsm:
+        policy = _grammar_order(policy)
+    written = json.dumps(policy, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    content_type = _field(raw, "contentType", str) or POLICY_CONTENT_TYPE
+    return ReleasePolicy(b64url_encode(written), content_type, bool(_field(raw, "immutable", bool)))
+
+
+def _release(req: Request, body: Dict[str, Any]) -> Tuple[bool, Optional[ReleasePolicy]]:
+    """A new key's exportable attribute and release policy: the service refuses one without the other."""
+    policy = _release_policy(req, body)
+    exportable = bool(_field(_field(body, "attributes", dict) or {}, "exportable", bool))
+    if exportable and policy is None:
+        raise BadParameter.exportable_without_release_policy(req.store.managed_hsm)
+    if policy is not None and not exportable:
+        raise BadParameter.release_policy_not_exportable(req.store.managed_hsm)
+    return exportable, policy
 
 
 def _version_key(api_version: str) -> Tuple[int, int, int]:
@@ -161,8 +200,8 @@ def _attributes_json(req: Request, key: KeyVersion) -> Dict[str, Any]:
     # 7.4 (a Managed HSM's since 7.2), hsmPlatform and key_size since 7.5.
     if _since(req, "7.1-preview"):
         attributes["recoverableDays"] = req.store.retention_days
-    if _since(req, "7.2-preview" if req.store.managed_hsm else "7.4-preview.1"):
-        attributes["exportable"] = False
+    if key.exportable or _since(req, "7.2-preview" if req.store.managed_hsm else "7.4-preview.1"):
+        attributes["exportable"] = key.exportable
     if _since(req, "7.5-preview.1"):
         attributes["hsmPlatform"] = "2" if key.hsm else "0"
         if key.family == "RSA":
@@ -189,7 +228,15 @@ def key_bundle(req: Request, key: KeyVersion) -> Dict[str, Any]:
         e = key.private_key.public_key().public_numbers().e
         if e < 2**32:
             jwk["e"] = b64url_encode(e.to_bytes(4, "big"))
-    return _with_tags({"key": jwk, "attributes": _attributes_json(req, key)}, key)
+    bundle = _with_tags({"key": jwk, "attributes": _attributes_json(req, key)}, key)
+    if key.release_policy is not None:
+        policy = key.release_policy
+        bundle["release_policy"] = {
+            "contentType": policy.content_type,
+            "data": policy.data,
+            "immutable": policy.immutable,
+        }
+    return bundle
 
 
 def _deletion_info(req: Request, deleted: DeletedKey) -> Dict[str, Any]:
@@ -268,7 +315,7 @@ def _hsm_type(req: Request, kty: str) -> str:
 def create_key(req: Request, name: str) -> Response:
     _name(name)
     body = req.json()
-    _check_release(req, body)
+    exportable, release_policy = _release(req, body)
     kty = _hsm_type(req, _field(body, "kty", str, required=True))
     key_ops, tags, attributes = (
         validate_key_ops(_key_ops(body)),
@@ -289,7 +336,15 @@ def create_key(req: Request, name: str) -> Response:
     )
     default_ops = OCT_HSM_OPS_SINCE_7_3 if kty == "oct-HSM" and _since(req, "7.3") else None
     key = req.store.add_version(
-        name, kty, private_key, key_ops=key_ops, tags=tags, default_ops=default_ops, **attributes
+        name,
+        kty,
+        private_key,
+        key_ops=key_ops,
+        tags=tags,
+        default_ops=default_ops,
+        exportable=exportable,
+        release_policy=release_policy,
+        **attributes,
     )
     return 200, key_bundle(req, key)
 
@@ -297,7 +352,7 @@ def create_key(req: Request, name: str) -> Response:
 def import_key(req: Request, name: str) -> Response:
     _name(name)
     body = req.json()
-    _check_release(req, body)
+    exportable, release_policy = _release(req, body)
     jwk = _field(body, "key", dict, required=True)
     _field(jwk, "kty", str, required=True)
     for member in ("crv", "n", "e", "d", "p", "q", "dp", "dq", "qi", "x", "y", "k", "key_hsm"):
@@ -305,7 +360,16 @@ def import_key(req: Request, name: str) -> Response:
     hsm = bool(_field(body, "Hsm", bool))
     key_ops, tags, attributes = _key_ops(jwk), _tags(body), _attributes(body)
     kty, private_key = key_from_jwk(jwk, hsm, managed_hsm=req.store.managed_hsm, workers=req.store.workers)
-    key = req.store.add_version(name, _hsm_type(req, kty), private_key, key_ops=key_ops, tags=tags, **attributes)
+    key = req.store.add_version(
+        name,
+        _hsm_type(req, kty),
+        private_key,
+        key_ops=key_ops,
+        tags=tags,
+        exportable=exportable,
+        release_policy=release_policy,
+        **attributes,
+    )
     return 200, key_bundle(req, key)
 
 
@@ -316,8 +380,15 @@ def get_key(req: Request, name: str, version: str = "") -> Response:
 def update_key(req: Request, name: str, version: str = "") -> Response:
     _name(name)
     body = req.json()
-    _no_release_policy(body)
-    key = req.store.update(name, version, key_ops=_key_ops(body), tags=_tags(body), **_attributes(body))
+    key = req.store.update(
+        name,
+        version,
+        key_ops=_key_ops(body),
+        tags=_tags(body),
+        exportable=_field(_field(body, "attributes", dict) or {}, "exportable", bool),
+        release_policy=_release_policy(req, body),
+        **_attributes(body),
+    )
     return 200, key_bundle(req, key)
 
 
@@ -521,7 +592,11 @@ def release_key(req: Request, name: str, version: str = "") -> Response:
     if not _field(body, "target", str, required=True):
         raise BadParameter("The parameter 'target' must not be empty.")
     key = req.store.get(name, version)
-    # Only exportable keys (with a release policy) can be released; localvault makes none.
+    if key.exportable:  # its release policy is kept as data: nothing here can check an attestation
+        raise BadParameter(
+            f"Key {key.name} cannot be released: a release needs an attestation that the key's release "
+            "policy accepts, and localvault has no attestation service to check one."
+        )
     raise BadParameter(
         f"Key {key.name} is not exportable: only a key created exportable, with a release policy, "
         "can be released."

@@ -9,11 +9,15 @@ Key vault
 - kty oct, and any unknown kty: 400 BadParameter, innererror KeyTypeNotSupported -> test_unknown_kty_on_a_vault
 - sign with an algorithm for another curve -> test_sign_with_an_algorithm_for_another_curve
 - exportable without, or release policy without exportable -> test_release_policy_refusals_on_a_vault
-- 401s: AKV10022 (also for the audience with a trailing slash), AKV10032, expiry -> test_token_refusals
+- 401s: AKV10022 (also for the audience with a trailing slash), expiry -> test_token_refusals; AKV10032
+  -> test_a_token_from_another_issuer_gets_akv10032
 - headers: client request id echoed, network info, no Server -> test_vault_headers
 - attributes by api-version -> test_attributes_by_api_version (the latest: test_localvault_wire.py::
   test_key_bundle_shape_and_headers)
-
+- (known list) release policies, kept as data: an immutable one refuses an update
+  -> test_an_immutable_release_policy_cannot_be_updated; through the SDK, and in a backup
+  -> test_an_exportable_key_and_its_release_policy_through_the_sdk, test_a_release_policy_survives_a_restart;
+  a Managed HSM's, written back and updated -> TestManagedHsm.test_release_policy_is_written_back_and_updated
 - (known list) a rotation policy never set, by api-version -> test_rotation_policy_never_set_by_api_version
 
 Managed HSM mode
@@ -130,6 +134,112 @@ def test_release_policy_refusals_on_a_vault(raw, unique_key_name, body, message)
     response = raw.request("POST", f"/keys/{unique_key_name}/create", api_version="7.4-preview.1", json=body)
     assert response.status_code == 400
     assert error_of(response) == {"code": "BadParameter", "message": message}
+
+
+# js/update-immutable-release-policy-400.json (a vault, 7.3): the policy sent, as the vault wrote it back,
+# and the one the refused update sent
+VAULT_POLICY_WRITTEN = (
+    "eyJ2ZXJzaW9uIjoiMS4wLjAiLCJhbnlPZiI6W3siYXV0aG9yaXR5IjoiaHR0cHM6Ly90aW1vdmtleXZhdWx0c2l0ZS5henVyZXdlYnNpdGVz"
+    "Lm5ldC8iLCJhbGxPZiI6W3siY2xhaW0iOiJzZGstdGVzdCIsImVxdWFscyI6InRydWUifV19XX0"
+)
+OTHER_POLICY = {
+    "immutable": True,
+    "data": "eyJhbnlPZiI6W3siYW55T2YiOlt7ImNsYWltIjoic2RrLXRlc3QiLCJlcXVhbHMiOiJmYWxzZSJ9XSwiYXV0aG9yaXR5IjoiaHR0cHM6"
+    "Ly90aW1vdmtleXZhdWx0c2l0ZS5henVyZXdlYnNpdGVzLm5ldC8ifV0sInZlcnNpb24iOiIxLjAifQ",
+}
+
+
+def test_an_immutable_release_policy_cannot_be_updated(raw, unique_key_name):
+    # js/update-immutable-release-policy-400.json
+    body = {
+        "kty": "RSA-HSM",
+        "key_ops": ["encrypt", "decrypt"],
+        "attributes": {"exportable": True},
+        "release_policy": {"immutable": True, **RELEASE_POLICY},
+    }
+    created = _create(raw, unique_key_name, "7.3", **body)
+    assert set(created) == {"key", "attributes", "release_policy"}
+    assert created["release_policy"] == {
+        "contentType": "application/json; charset=utf-8",
+        "data": VAULT_POLICY_WRITTEN,
+        "immutable": True,
+    }
+    assert set(created["attributes"]) == {
+        "enabled",
+        "created",
+        "updated",
+        "recoveryLevel",
+        "recoverableDays",
+        "exportable",
+    }
+    assert created["attributes"]["exportable"] is True and created["key"]["key_ops"] == ["encrypt", "decrypt"]
+    response = raw.request(
+        "PATCH",
+        f"/keys/{unique_key_name}/",
+        api_version="7.3",
+        json={"attributes": {}, "release_policy": OTHER_POLICY},
+    )
+    assert response.status_code == 400
+    assert error_of(response) == {
+        "code": "BadParameter",
+        "message": "AKV.SKR.1020: Immutable Key Release Policy cannot be modified.",
+    }
+    kept = raw.request("GET", f"/keys/{unique_key_name}", api_version="7.3").json()
+    assert kept["release_policy"] == created["release_policy"]
+    # the choice made (no recording): an update may name the key's exportable value, not change it
+    same = raw.request("PATCH", f"/keys/{unique_key_name}", json={"attributes": {"exportable": True}})
+    assert same.status_code == 200, same.text
+    changed = raw.request("PATCH", f"/keys/{unique_key_name}", json={"attributes": {"exportable": False}})
+    assert changed.status_code == 400 and error_of(changed)["code"] == "BadParameter"
+
+
+def test_an_exportable_key_and_its_release_policy_through_the_sdk(key_client, unique_key_name):
+    from azure.keyvault.keys import KeyReleasePolicy
+
+    policy = unb64(RELEASE_POLICY["data"])
+    key = key_client.create_rsa_key(
+        unique_key_name, hardware_protected=True, exportable=True, release_policy=KeyReleasePolicy(policy)
+    )
+    assert key.properties.exportable is True
+    assert key.properties.release_policy.immutable is False
+    assert key.properties.release_policy.encoded_policy == unb64(VAULT_POLICY_WRITTEN)
+    blob = key_client.backup_key(unique_key_name)
+    key_client.begin_delete_key(unique_key_name).wait()
+    key_client.purge_deleted_key(unique_key_name)
+    restored = key_client.restore_key_backup(blob)
+    assert restored.properties.exportable is True
+    assert restored.properties.release_policy.encoded_policy == unb64(VAULT_POLICY_WRITTEN)
+
+
+def test_a_release_policy_survives_a_restart(tmp_path):
+    from azure.keyvault.keys import KeyReleasePolicy
+
+    policy = KeyReleasePolicy(unb64(RELEASE_POLICY["data"]), immutable=True)
+    with LocalVault(data_dir=str(tmp_path), data_key="a passphrase of the test") as vault:
+        client = vault.key_client()
+        client.create_ec_key("kept", hardware_protected=True, exportable=True, release_policy=policy)
+        client.close()
+    with LocalVault(data_dir=str(tmp_path), data_key="a passphrase of the test") as vault:
+        client = vault.key_client()
+        kept = client.get_key("kept")
+        client.close()
+    assert kept.properties.exportable is True
+    assert kept.properties.release_policy.immutable is True
+    assert kept.properties.release_policy.encoded_policy == unb64(VAULT_POLICY_WRITTEN)
+
+
+@pytest.mark.parametrize("depth", [33, 900, 5000])
+@pytest.mark.parametrize("managed_hsm", [False, True])
+def test_a_deeply_nested_release_policy_is_a_400(depth, managed_hsm):
+    policy = b64(('{"version":"1.0.0","anyOf":' + "[" * depth + "]" * depth + "}").encode())
+    body = {"kty": "RSA-HSM", "attributes": {"exportable": True}, "release_policy": {"data": policy}}
+    with LocalVault(managed_hsm=managed_hsm) as vault:
+        raw = RawVault(vault)
+        token = vault.credential().get_token(vault.resource + "/.default").token
+        raw.session.headers["Authorization"] = f"Bearer {token}"
+        response = raw.request("POST", "/keys/deep/create", json=body)
+        raw.close()
+    assert response.status_code == 400 and error_of(response)["code"] == "BadParameter"
 
 
 def _token(localvault: LocalVault, audience: str, issuer: str = ISSUER, lifetime: int = 3600) -> str:
@@ -260,6 +370,27 @@ def test_backup_of_a_missing_key(raw, unique_key_name):
 
 
 # -- Managed HSM mode -----------------------------------------------------------------------------
+
+
+# js/mhsm-update-release-policy.json: the policy sent and written back at create, then at the update
+MHSM_POLICIES = [
+    (
+        "eyJhbnlPZiI6W3siYWxsT2YiOlt7ImNsYWltIjoic2RrLXRlc3QiLCJlcXVhbHMiOiJ0cnVlIn1dLCJhdXRob3JpdHkiOiJodHRwczovL3Rp",
+        "bW92a2V5dmF1bHRzaXRlLmF6dXJld2Vic2l0ZXMubmV0LyJ9XSwidmVyc2lvbiI6IjEuMCJ9",
+    ),
+    (
+        "eyJhbnlPZiI6W3siYWxsT2YiOlt7ImNsYWltIjoic2RrLXRlc3QiLCJlcXVhbHMiOiJ0cnVlIn1dLCJhdXRob3JpdHkiOiJodHRwczovL3Rp",
+        "bW92a2V5dmF1bHRzaXRlLmF6dXJld2Vic2l0ZXMubmV0LyJ9XSwidmVyc2lvbiI6IjEuMC4wIn0",
+    ),
+    (
+        "eyJhbnlPZiI6W3siYW55T2YiOlt7ImNsYWltIjoic2RrLXRlc3QiLCJlcXVhbHMiOiJmYWxzZSJ9XSwiYXV0aG9yaXR5IjoiaHR0cHM6Ly90",
+        "aW1vdmtleXZhdWx0c2l0ZS5henVyZXdlYnNpdGVzLm5ldC8ifV0sInZlcnNpb24iOiIxLjAifQ",
+    ),
+    (
+        "eyJhbnlPZiI6W3siYW55T2YiOlt7ImNsYWltIjoic2RrLXRlc3QiLCJlcXVhbHMiOiJmYWxzZSJ9XSwiYXV0aG9yaXR5IjoiaHR0cHM6Ly90",
+        "aW1vdmtleXZhdWx0c2l0ZS5henVyZXdlYnNpdGVzLm5ldC8ifV0sInZlcnNpb24iOiIxLjAuMCJ9",
+    ),
+]
 
 
 class TestManagedHsm:
@@ -441,6 +572,35 @@ class TestManagedHsm:
         assert response.status_code == 400
         assert error_of(response)["code"] == "BadParameter"
         assert self.message_of(response) == "Exportable keys must have release policy"
+
+    def test_release_policy_is_written_back_and_updated(self, hsm_raw, unique_key_name):
+        # js/mhsm-update-release-policy.json (7.3): version "1.0" comes back as "1.0.0", the members in order
+        sent = "".join(MHSM_POLICIES[0])
+        body = {
+            "kty": "RSA",
+            "key_ops": ["encrypt", "decrypt"],
+            "attributes": {"exportable": True},
+            "release_policy": {"data": sent},
+        }
+        created = _create(hsm_raw, unique_key_name, "7.3", **body)
+        assert created["key"]["kty"] == "RSA-HSM" and created["attributes"]["exportable"] is True
+        assert created["release_policy"] == {
+            "contentType": "application/json; charset=utf-8",
+            "data": "".join(MHSM_POLICIES[1]),
+            "immutable": False,
+        }
+        response = hsm_raw.request(
+            "PATCH",
+            f"/keys/{unique_key_name}/",
+            api_version="7.3",
+            json={"attributes": {}, "release_policy": {"data": "".join(MHSM_POLICIES[2])}},
+        )
+        assert response.status_code == 200, response.text
+        assert response.json()["release_policy"] == {
+            "contentType": "application/json; charset=utf-8",
+            "data": "".join(MHSM_POLICIES[3]),
+            "immutable": False,
+        }
 
     def test_restore_of_a_foreign_blob(self, hsm_raw):
         # net/mhsm-restore-foreign-blob-400.json
