@@ -114,6 +114,21 @@ POLICY_CONTENT_TYPE = "application/json; charset=utf-8"
 _POLICY_ORDER = {member: rank for rank, member in enumerate(("version", "authority", "claim", "anyOf"))}
 
 
+MAX_POLICY_DEPTH = 32  # objects and arrays within each other: the grammar needs a few
+
+
+def _nesting(value: Any) -> int:
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            deepest = max(deepest, depth)
+            if deepest > MAX_POLICY_DEPTH:
+                break
+            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return deepest
+
+
 def _grammar_order(value: Any) -> Any:
     if isinstance(value, list):
         return [_grammar_order(item) for item in value]
@@ -136,6 +151,8 @@ def _release_policy(req: Request, body: Dict[str, Any]) -> Optional[ReleasePolic
         policy = None
     if not isinstance(policy, dict):
         raise BadParameter("Key Release Policy: the policy data must be a JSON object.")
+    if _nesting(policy) > MAX_POLICY_DEPTH:
+        raise BadParameter(f"Key Release Policy: the policy nests deeper than {MAX_POLICY_DEPTH} levels.")
     if policy.get("version") == "1.0":
         policy["version"] = "1.0.0"
     if not req.store.managed_hsm:

@@ -228,6 +228,20 @@ def test_a_release_policy_survives_a_restart(tmp_path):
     assert kept.properties.release_policy.encoded_policy == unb64(VAULT_POLICY_WRITTEN)
 
 
+@pytest.mark.parametrize("depth", [33, 900, 5000])
+@pytest.mark.parametrize("managed_hsm", [False, True])
+def test_a_deeply_nested_release_policy_is_a_400(depth, managed_hsm):
+    policy = b64(('{"version":"1.0.0","anyOf":' + "[" * depth + "]" * depth + "}").encode())
+    body = {"kty": "RSA-HSM", "attributes": {"exportable": True}, "release_policy": {"data": policy}}
+    with LocalVault(managed_hsm=managed_hsm) as vault:
+        raw = RawVault(vault)
+        token = vault.credential().get_token(vault.resource + "/.default").token
+        raw.session.headers["Authorization"] = f"Bearer {token}"
+        response = raw.request("POST", "/keys/deep/create", json=body)
+        raw.close()
+    assert response.status_code == 400 and error_of(response)["code"] == "BadParameter"
+
+
 def _token(localvault: LocalVault, audience: str, issuer: str = ISSUER, lifetime: int = 3600) -> str:
     return localvault.issuer.issue(audience, issuer=issuer, lifetime=lifetime)[0]
 
