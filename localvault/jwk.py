@@ -1,4 +1,5 @@
-"""JSON Web Key conversion for RSA, EC and OKP (Ed25519) keys, and key generation, with ``cryptography`` doing the maths."""
+"""JSON Web Key conversion for RSA, EC and OKP (Ed25519) keys, and key generation, with ``cryptography``
+doing the maths."""
 
 from __future__ import annotations
 
@@ -168,7 +169,7 @@ def _okp_private_key(jwk: Dict[str, Any]) -> ed25519.Ed25519PrivateKey:
     if len(d) != ED25519_BYTES:
         raise BadParameter(f"The JSON Web Key's 'd' must be an Ed25519 private key of {ED25519_BYTES} bytes.")
     key = ed25519.Ed25519PrivateKey.from_private_bytes(d)
-    if jwk.get("x") is not None and jwk["x"] != public_jwk(key)["x"]:
+    if jwk.get("x") is not None and b64url_decode(jwk["x"]) != b64url_decode(public_jwk(key)["x"]):
         raise BadParameter("The JSON Web Key's public key does not match its private key.")
     return key
 

@@ -441,3 +441,32 @@ def test_a_key_vault_refuses_okp_keys(key_client, raw, unique_key_name, kty):
         "innererror": {"code": "KeyTypeNotSupported"},
     }
     assert raw.request("GET", f"/keys/{unique_key_name}").status_code == 404
+
+
+@pytest.mark.parametrize(
+    ("jwk", "message"),
+    [
+        (
+            {"kty": "OKP", "crv": "Ed25519", "d": _b64(bytes(31))},
+            "The JSON Web Key's 'd' must be an Ed25519 private key of 32 bytes.",
+        ),
+        (
+            {"kty": "OKP", "crv": "Ed25519", "d": _b64(bytes(4096))},
+            "The JSON Web Key's 'd' must be an Ed25519 private key of 32 bytes.",
+        ),
+        (
+            {"kty": "OKP", "crv": "Ed448", "d": _b64(bytes(57))},
+            "Invalid curve name: 'Ed448'. Supported curves: Ed25519.",
+        ),
+        (
+            {"kty": "OKP", "crv": "Ed25519"},
+            "The JSON Web Key has no private key material; import needs the private key.",
+        ),
+    ],
+)
+def test_okp_imports_are_checked(hsm_raw, unique_key_name, jwk, message):
+    response = hsm_raw.request("PUT", f"/keys/{unique_key_name}", json={"key": jwk})
+    assert response.status_code == 400
+    assert error_of(response)["code"] == "BadParameter"
+    assert message_of(response) == message
+    assert hsm_raw.request("GET", f"/keys/{unique_key_name}").status_code == 404
