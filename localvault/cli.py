@@ -135,8 +135,8 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
         "--data",
         metavar="DIR",
         help="keep keys, deleted keys, rotation policies, the clock, the CA and the vault's secrets in DIR "
-        "across restarts, so the export lines, tokens and backups stay valid (with fixed --port and "
-        f"--identity-port, export once). Each write is on disk before it is answered. With {DATA_KEY_VARIABLE} "
+        "across restarts, so tokens and backups stay valid, and with fixed --port and --identity-port the "
+        f"export lines for the vault's own port too. Each write is on disk before it is answered. With {DATA_KEY_VARIABLE} "
         "set when DIR is created, its secrets and key material are encrypted with a key derived from that "
         "passphrase, which every later start then needs (default: keep nothing)",
     )
