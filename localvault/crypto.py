@@ -1,9 +1,9 @@
 """The vault's cryptography: encrypt, decrypt, wrap, unwrap, sign, verify and random bytes, with
 ``cryptography`` doing the maths. No HTTP here; failures a caller caused raise BadParameter.
 
-Keys are the store's private keys: an RSA or EC private key, or the bytes of an AES key (oct).
-Digests are signed as given (the service never hashes); ES signatures are raw ``r||s``, HS
-signatures an HMAC of the digest.
+Keys are the store's private keys: an RSA, EC or Ed25519 (OKP) private key, or the bytes of an AES key
+(oct). Digests are signed as given (the service never hashes); ES signatures are raw ``r||s``, HS
+signatures an HMAC of the digest, and EdDSA signs the value given as the message (RFC 8032).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Dict, NamedTuple, Optional, Tuple, Type
 from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives import hashes, keywrap
 from cryptography.hazmat.primitives import padding as block_padding
-from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa, utils
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa, utils
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
@@ -31,6 +31,7 @@ RSA_ENCRYPTION = ("RSA1_5", "RSA-OAEP", "RSA-OAEP-256")
 RSA_SIGNATURE = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512")
 EC_SIGNATURE = {"ES256": "P-256", "ES256K": "P-256K", "ES384": "P-384", "ES512": "P-521"}
 HMAC_SIGNATURE = ("HS256", "HS384", "HS512")
+EDDSA = "EdDSA"  # Ed25519 (OKP keys); the "digest" is the message itself
 AES_GCM = {"A128GCM": 16, "A192GCM": 24, "A256GCM": 32}
 AES_CBC = {"A128CBC": 16, "A192CBC": 24, "A256CBC": 32}
 AES_CBCPAD = {"A128CBCPAD": 16, "A192CBCPAD": 24, "A256CBCPAD": 32}
@@ -49,6 +50,8 @@ ALGORITHMS: Dict[Tuple[str, str], Tuple[str, ...]] = {
     ("RSA", "verify"): RSA_SIGNATURE,
     ("EC", "sign"): tuple(EC_SIGNATURE),
     ("EC", "verify"): tuple(EC_SIGNATURE),
+    ("OKP", "sign"): (EDDSA,),
+    ("OKP", "verify"): (EDDSA,),
     ("oct", "encrypt"): _SYMMETRIC_ENCRYPTION,
     ("oct", "decrypt"): _SYMMETRIC_ENCRYPTION,
     ("oct", "wrapKey"): (*AES_KW, *CKM_WRAP),
@@ -99,6 +102,8 @@ def family(key: PrivateKey) -> str:
         return "RSA"
     if isinstance(key, ec.EllipticCurvePrivateKey):
         return "EC"
+    if isinstance(key, ed25519.Ed25519PrivateKey):
+        return "OKP"
     return "oct"
 
 
@@ -305,6 +310,8 @@ def _ec_size(key: ec.EllipticCurvePrivateKey) -> int:
 
 def sign(key: PrivateKey, alg: str, digest: bytes) -> bytes:
     check_algorithm(key, "sign", alg)
+    if isinstance(key, ed25519.Ed25519PrivateKey):
+        return key.sign(digest)
     chosen = _hash(alg, digest)
     if isinstance(key, rsa.RSAPrivateKey):
         return key.sign(digest, _rsa_signature_padding(alg, chosen), utils.Prehashed(chosen))
@@ -317,6 +324,12 @@ def sign(key: PrivateKey, alg: str, digest: bytes) -> bytes:
 
 def verify(key: PrivateKey, alg: str, digest: bytes, signature: bytes) -> bool:
     check_algorithm(key, "verify", alg)
+    if isinstance(key, ed25519.Ed25519PrivateKey):
+        try:
+            key.public_key().verify(signature, digest)
+        except InvalidSignature:
+            return False
+        return True
     chosen = _hash(alg, digest)
     if isinstance(key, rsa.RSAPrivateKey):
         try:

@@ -1,4 +1,4 @@
-"""JSON Web Key conversion for RSA and EC keys, and key generation, with ``cryptography`` doing the maths."""
+"""JSON Web Key conversion for RSA, EC and OKP (Ed25519) keys, and key generation, with ``cryptography`` doing the maths."""
 
 from __future__ import annotations
 
@@ -8,13 +8,14 @@ import os
 import re
 from typing import Any, Dict, Optional, Union
 
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from .exceptions import BadParameter
 from .workers import INLINE, CryptoWorkers
 
-# An oct key is the bytes of its AES key.
-PrivateKey = Union[rsa.RSAPrivateKey, ec.EllipticCurvePrivateKey, bytes]
+# An oct key is the bytes of its AES key; an OKP key is an Ed25519 key (Managed HSM only).
+PrivateKey = Union[rsa.RSAPrivateKey, ec.EllipticCurvePrivateKey, ed25519.Ed25519PrivateKey, bytes]
 
 CURVES: Dict[str, ec.EllipticCurve] = {
     "P-256": ec.SECP256R1(),
@@ -22,8 +23,19 @@ CURVES: Dict[str, ec.EllipticCurve] = {
     "P-384": ec.SECP384R1(),
     "P-521": ec.SECP521R1(),
 }
-KEY_TYPES = {"RSA": "RSA", "RSA-HSM": "RSA", "EC": "EC", "EC-HSM": "EC", "oct": "oct", "oct-HSM": "oct"}
-MANAGED_HSM_TYPES = {"oct", "oct-HSM"}
+KEY_TYPES = {
+    "RSA": "RSA",
+    "RSA-HSM": "RSA",
+    "EC": "EC",
+    "EC-HSM": "EC",
+    "oct": "oct",
+    "oct-HSM": "oct",
+    "OKP": "OKP",
+    "OKP-HSM": "OKP",
+}
+MANAGED_HSM_TYPES = {"oct", "oct-HSM", "OKP", "OKP-HSM"}
+OKP_CURVES = ("Ed25519",)
+ED25519_BYTES = 32
 RSA_SIZES = (2048, 3072, 4096)
 RSA_EXPONENTS = (3, 65537)  # a key vault's
 MAX_HSM_RSA_EXPONENT = 2**31 - 1  # a Managed HSM takes any odd exponent of keys.json's int32 from 3
@@ -87,9 +99,12 @@ def curve_name(key: ec.EllipticCurvePrivateKey) -> str:
 
 
 def public_jwk(key: PrivateKey) -> Dict[str, str]:
-    """The public members only: ``n``/``e`` or ``crv``/``x``/``y``; none for an oct key."""
+    """The public members only: ``n``/``e``, ``crv``/``x``/``y`` or (OKP) ``crv``/``x``; none for an oct key."""
     if isinstance(key, bytes):
         return {}
+    if isinstance(key, ed25519.Ed25519PrivateKey):
+        raw = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        return {"crv": "Ed25519", "x": b64url_encode(raw)}
     if isinstance(key, rsa.RSAPrivateKey):
         numbers = key.public_key().public_numbers()
         return {"n": _int_to_b64(numbers.n), "e": _int_to_b64(numbers.e)}
@@ -121,6 +136,8 @@ def private_key_from_jwk(
             dq = v["dq"] if "dq" in v else rsa.rsa_crt_dmq1(d, q)
             qi = v["qi"] if "qi" in v else rsa.rsa_crt_iqmp(p, q)
             return (workers or INLINE).rsa_private_key((p, q, d, dp, dq, qi, e, n))
+        if family == "OKP":
+            return _okp_private_key(jwk)
         crv = jwk.get("crv")
         if crv not in CURVES:
             raise BadParameter(f"Invalid curve name: {crv!r}. Supported curves: {', '.join(CURVES)}.")
@@ -136,6 +153,24 @@ def private_key_from_jwk(
         return key
     except (ValueError, TypeError, OverflowError) as exc:
         raise BadParameter(f"The JSON Web Key is not a valid {family} private key: {exc}") from None
+
+
+def _check_okp_curve(crv: Any) -> None:
+    if crv not in OKP_CURVES:
+        raise BadParameter(f"Invalid curve name: {crv!r}. Supported curves: {', '.join(OKP_CURVES)}.")
+
+
+def _okp_private_key(jwk: Dict[str, Any]) -> ed25519.Ed25519PrivateKey:
+    """An Ed25519 key from its 32-byte ``d`` (RFC 8037), checked against ``x`` if given."""
+    _check_okp_curve(jwk.get("crv"))
+    raw = jwk.get("d")
+    d = b64url_decode(raw) if isinstance(raw, str) else b""
+    if len(d) != ED25519_BYTES:
+        raise BadParameter(f"The JSON Web Key's 'd' must be an Ed25519 private key of {ED25519_BYTES} bytes.")
+    key = ed25519.Ed25519PrivateKey.from_private_bytes(d)
+    if jwk.get("x") is not None and jwk["x"] != public_jwk(key)["x"]:
+        raise BadParameter("The JSON Web Key's public key does not match its private key.")
+    return key
 
 
 # -- generation ------------------------------------------------------------------------------------
@@ -167,6 +202,9 @@ def generate_key(
     family = KEY_TYPES[check_kty(kty, managed_hsm)]
     if family == "oct":
         return generate_symmetric_key(256 if key_size is None else key_size)
+    if family == "OKP":
+        _check_okp_curve("Ed25519" if crv is None else crv)
+        return ed25519.Ed25519PrivateKey.generate()
     if family == "RSA":
         size = 2048 if key_size is None else key_size
         if size not in RSA_SIZES:
@@ -193,6 +231,8 @@ def regenerate_key(
     """A fresh private key of type ``kty`` and of the same size or curve (and public exponent) as ``key``."""
     if isinstance(key, bytes):  # oct-HSM: only a Managed HSM has them
         return generate_key(kty, len(key) * 8, None, None, managed_hsm=True)
+    if isinstance(key, ed25519.Ed25519PrivateKey):  # OKP-HSM: likewise
+        return generate_key(kty, None, None, None, managed_hsm=True)
     if isinstance(key, rsa.RSAPrivateKey):
         e = key.public_key().public_numbers().e
         return generate_key(kty, key.key_size, e, None, managed_hsm=managed_hsm, workers=workers)

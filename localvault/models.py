@@ -21,7 +21,7 @@ from typing import Any, Deque, Dict, Iterable, List, Optional, Tuple
 import isodate
 from cryptography.exceptions import InvalidTag, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from . import crypto
@@ -49,6 +49,7 @@ KEY_OPS = ("encrypt", "decrypt", "sign", "verify", "wrapKey", "unwrapKey", "impo
 DEFAULT_OPS = {
     "RSA": ["encrypt", "decrypt", "sign", "verify", "wrapKey", "unwrapKey"],
     "EC": ["sign", "verify"],
+    "OKP": ["sign", "verify"],
     "oct": ["encrypt", "decrypt", "wrapKey", "unwrapKey"],  # as a Managed HSM until 7.3: no sign, no verify
 }
 # A new oct-HSM key's key_ops from api-version 7.3 on, as recorded in 2022: all six, and deriveKey.
@@ -513,7 +514,10 @@ class KeyStore(WriteOrdering):
             for record, template, policy, dues in claimed:
                 lower = record.name.lower()
                 try:
-                    keys = [regenerate_key(template.kty, template.private_key, self.workers, self.managed_hsm) for _ in dues]
+                    keys = [
+                        regenerate_key(template.kty, template.private_key, self.workers, self.managed_hsm)
+                        for _ in dues
+                    ]
                 except VaultError:  # a key the vault cannot make again (e.g. an imported odd exponent)
                     keys = []
                 with self._lock:
@@ -1155,7 +1159,7 @@ def deleted_from_dict(record: KeyRecord, data: Any) -> DeletedKey:
 
 
 def _sealed_key_material(key: PrivateKey) -> Dict[str, str]:
-    """The private key, as backups hold it: PKCS#8 for RSA and EC, the raw bytes for oct."""
+    """The private key, as backups hold it: PKCS#8 for RSA, EC and OKP, the raw bytes for oct."""
     if isinstance(key, bytes):
         return {"oct": b64url_encode(key)}
     der = key.private_bytes(
@@ -1175,6 +1179,10 @@ def _opened_key_material(family: str, raw: bytes) -> PrivateKey:
     if family == "EC":
         if not isinstance(key, ec.EllipticCurvePrivateKey) or type(key.curve).__name__ not in _CURVE_TYPES:
             raise ValueError("not a key on a supported curve")
+        return key
+    if family == "OKP":
+        if not isinstance(key, ed25519.Ed25519PrivateKey):
+            raise ValueError("not an Ed25519 key")
         return key
     if not isinstance(key, rsa.RSAPrivateKey) or key.key_size not in RSA_SIZES:
         raise ValueError(f"not an RSA key of {', '.join(map(str, RSA_SIZES))} bits")

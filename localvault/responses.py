@@ -305,9 +305,9 @@ def _page(req: Request, items: List[Dict[str, Any]], marker: Optional[str], limi
 
 
 def _hsm_type(req: Request, kty: str) -> str:
-    """A Managed HSM keeps every key in its HSM: it answers kty RSA, EC or oct (or AES) as RSA-HSM, EC-HSM,
-    oct-HSM."""
-    if req.store.managed_hsm and kty in ("RSA", "EC", "oct", "AES"):
+    """A Managed HSM keeps every key in its HSM: it answers kty RSA, EC, OKP or oct (or AES) as RSA-HSM,
+    EC-HSM, OKP-HSM, oct-HSM."""
+    if req.store.managed_hsm and kty in ("RSA", "EC", "OKP", "oct", "AES"):
         return "oct-HSM" if kty == "AES" else f"{kty}-HSM"
     return kty
 
@@ -606,7 +606,9 @@ def release_key(req: Request, name: str, version: str = "") -> Response:
 def get_key_attestation(req: Request, name: str, version: str = "") -> Response:
     key = req.store.get(_name(name), version)
     if not req.store.managed_hsm:
-        raise BadParameter(f"Key {key.name} has no attestation: key attestation is served by a Managed HSM only.")
+        raise BadParameter(
+            f"Key {key.name} has no attestation: key attestation is served by a Managed HSM only."
+        )
     bundle = key_bundle(req, key)
     bundle["attributes"]["attestation"] = attestation.attestation(key)  # emulated: proves nothing
     return 200, bundle

@@ -1,5 +1,5 @@
-"""Managed HSM keys the SDK's own tests use: RSA keys with any odd public exponent, and key attestation
-(emulated: it proves nothing).
+"""Managed HSM keys the SDK's own tests use: RSA keys with any odd public exponent, key attestation
+(emulated: it proves nothing) and OKP (Ed25519) keys.
 
 Each test has a Managed HSM of its own at https://NAME.managedhsm.azure.net (the plugin's ``vault_at_url``
 with ``localvault_options`` overridden below); the key vault tests use the session's vault.
@@ -8,17 +8,19 @@ with ``localvault_options`` overridden below); the key vault tests use the sessi
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
-import re
+import os
 from typing import Any, Dict, Iterator, Tuple
 
 import pytest
 from azure.core.exceptions import HttpResponseError
+from azure.keyvault.keys import JsonWebKey
 from azure.keyvault.keys.crypto import SignatureAlgorithm
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import padding, rsa, utils
+from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa, utils
 from helpers import RawVault, error_of
 
 from localvault import LocalVault
@@ -61,14 +63,11 @@ def _never(*args: Any, **kwargs: Any) -> Any:
 
 
 def message_of(response: Any) -> str:
-    """The error message without a Managed HSM's ``(Activity ID: ...)`` suffix, which must name the
-    answer's request id if it is there."""
+    """A Managed HSM's error message, after checking that it ends with ``(Activity ID: <its request id>)``."""
     message = error_of(response)["message"]
-    match = re.fullmatch(r"(.*) \(Activity ID: ([^)]*)\)", message, re.DOTALL)
-    if match is None:
-        return message
-    assert match.group(2) == response.headers["x-ms-request-id"]
-    return match.group(1)
+    suffix = f" (Activity ID: {response.headers['x-ms-request-id']})"
+    assert message.endswith(suffix), message
+    return message[: -len(suffix)]
 
 
 # -- RSA public exponents -------------------------------------------------------------------------
@@ -278,3 +277,167 @@ def test_a_key_vault_has_no_key_attestation(key_client, raw, unique_key_name):
     assert info.value.error.message == (
         f"Key {unique_key_name} has no attestation: key attestation is served by a Managed HSM only."
     )
+
+
+# -- OKP (Ed25519) keys ---------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def remote_only() -> Iterator[None]:
+    """The installed SDK has no local provider for OKP keys (its CryptographyClient raises 'Unsupported
+    key type'): turn local operations off, as the SDK's own Managed HSM tests do, so that every operation
+    goes to the vault."""
+    from unittest import mock
+
+    import azure.keyvault.keys.crypto._client as crypto_module
+
+    supports_nothing = mock.Mock(supports=mock.Mock(return_value=False))
+    with mock.patch.object(crypto_module, "get_local_cryptography_provider", lambda *_: supports_nothing):
+        yield
+
+
+def _ed25519_public(key: Any) -> ed25519.Ed25519PublicKey:
+    return ed25519.Ed25519PublicKey.from_public_bytes(key.key.x)
+
+
+def test_create_okp_key_as_recorded(hsm_client, hsm_raw, unique_key_name):
+    key = hsm_client.create_key(unique_key_name, "OKP")
+    assert key.key_type == "OKP-HSM"
+    assert key.key.crv == "Ed25519" and len(key.key.x) == 32
+    assert sorted(key.key_operations) == ["sign", "verify"]
+    assert hsm_client.get_key(unique_key_name).key.x == key.key.x
+
+    body = hsm_raw.request("GET", f"/keys/{unique_key_name}", api_version="7.4-preview.1").json()
+    assert set(body["key"]) == {"kid", "kty", "key_ops", "crv", "x"}  # no d, no y
+    assert set(body["attributes"]) == {
+        "created",
+        "enabled",
+        "exportable",
+        "recoverableDays",
+        "recoveryLevel",
+        "updated",
+    }
+    assert _unb64(body["key"]["x"]) == key.key.x
+
+
+def test_okp_sign_and_verify_with_eddsa(vault_at_url, hsm_client, unique_key_name):
+    key = hsm_client.create_key(unique_key_name, "OKP-HSM", curve="Ed25519")
+    message = b"EdDSA signs the message itself, of any length" * 7
+    with vault_at_url.crypto_client(key.id) as crypto, remote_only():
+        result = crypto.sign("EdDSA", message)
+        assert result.algorithm == "EdDSA" and len(result.signature) == 64
+        _ed25519_public(key).verify(result.signature, message)  # raises if it does not verify
+        assert crypto.verify("EdDSA", message, result.signature).is_valid
+        assert not crypto.verify("EdDSA", message + b"!", result.signature).is_valid
+        assert not crypto.verify("EdDSA", message, bytes(64)).is_valid
+
+
+def test_okp_key_rotates_and_keeps_its_curve(hsm_client, unique_key_name):
+    key = hsm_client.create_key(unique_key_name, "OKP")
+    rotated = hsm_client.rotate_key(unique_key_name)
+    assert rotated.key_type == "OKP-HSM" and rotated.key.crv == "Ed25519"
+    assert rotated.key.x != key.key.x and len(rotated.key.x) == 32
+
+
+def test_import_an_ed25519_key(vault_at_url, hsm_client, unique_key_name):
+    private = ed25519.Ed25519PrivateKey.generate()
+    d = private.private_bytes(
+        serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
+    )
+    x = private.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    key = hsm_client.import_key(unique_key_name, JsonWebKey(kty="OKP", crv="Ed25519", d=d, x=x))
+    assert key.key_type == "OKP-HSM" and key.key.x == x and key.key.d is None
+    with vault_at_url.crypto_client(key.id) as crypto, remote_only():
+        signature = crypto.sign("EdDSA", b"imported").signature
+    assert signature == private.sign(b"imported")  # Ed25519 is deterministic
+
+    other = ed25519.Ed25519PrivateKey.generate().public_key()
+    mismatched = JsonWebKey(
+        kty="OKP",
+        crv="Ed25519",
+        d=d,
+        x=other.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw),
+    )
+    with pytest.raises(HttpResponseError) as info:
+        hsm_client.import_key(unique_key_name, mismatched)
+    assert info.value.status_code == 400 and info.value.error.code == "BadParameter"
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ({"kty": "OKP", "crv": "X25519"}, "Invalid curve name: 'X25519'. Supported curves: Ed25519."),
+        ({"kty": "OKP", "crv": "P-256"}, "Invalid curve name: 'P-256'. Supported curves: Ed25519."),
+        (
+            {"kty": "EC", "crv": "Ed25519"},
+            "Invalid curve name: 'Ed25519'. Supported curves: P-256, P-256K, P-384, P-521.",
+        ),
+    ],
+)
+def test_okp_curves_are_checked(hsm_raw, unique_key_name, body, message):
+    response = hsm_raw.request("POST", f"/keys/{unique_key_name}/create", json=body)
+    assert response.status_code == 400
+    assert error_of(response)["code"] == "BadParameter"
+    assert message_of(response) == message
+
+
+def test_eddsa_only_with_okp_keys(hsm_raw, hsm_client, unique_key_name):
+    digest = _b64(hashlib.sha256(b"x").digest())
+    hsm_client.create_key(unique_key_name, "OKP")
+    response = hsm_raw.request(
+        "POST", f"/keys/{unique_key_name}//sign", json={"alg": "ES256", "value": digest}
+    )
+    assert response.status_code == 400
+    assert message_of(response) == "Algorithm 'ES256' is not supported for the sign operation with a OKP key."
+    ec_name = unique_key_name + "-ec"
+    hsm_client.create_ec_key(ec_name, hardware_protected=True)
+    response = hsm_raw.request("POST", f"/keys/{ec_name}//sign", json={"alg": "EdDSA", "value": digest})
+    assert response.status_code == 400
+    assert message_of(response) == "Algorithm 'EdDSA' is not supported for the sign operation with a EC key."
+
+
+def test_an_okp_key_attestation(hsm_client, unique_key_name):
+    key = hsm_client.create_key(unique_key_name, "OKP")
+    attestation = hsm_client.get_key_attestation(unique_key_name).properties.attestation
+    payload = _check_attestation(attestation, key, asymmetric=True)
+    public = _jws_parts(attestation.public_key_attestation)[1]
+    assert public["jwk"] == {"crv": "Ed25519", "x": _b64(key.key.x)}
+    thumbprint_input = json.dumps(
+        {"crv": "Ed25519", "kty": "OKP", "x": _b64(key.key.x)}, separators=(",", ":")
+    )
+    assert payload["jkt"] == _b64(hashlib.sha256(thumbprint_input.encode()).digest())
+
+
+def test_okp_keys_survive_backup_restore_and_a_restart(tmp_path):
+    data_dir = str(tmp_path / "hsm")
+    message = os.urandom(100)
+    with LocalVault(managed_hsm=True, data_dir=data_dir, data_key="a passphrase") as hsm:
+        client = hsm.key_client()
+        key = client.create_key("edwards", "OKP")
+        backup = client.backup_key("edwards")
+        client.begin_delete_key("edwards").wait()
+        client.purge_deleted_key("edwards")
+        assert client.restore_key_backup(backup).key.x == key.key.x
+        client.close()
+    with LocalVault(managed_hsm=True, data_dir=data_dir, data_key="a passphrase") as hsm:
+        client = hsm.key_client()
+        assert client.get_key("edwards").key.x == key.key.x
+        with hsm.crypto_client("edwards") as crypto, remote_only():
+            signature = crypto.sign("EdDSA", message).signature
+        client.close()
+    _ed25519_public(key).verify(signature, message)
+
+
+@pytest.mark.parametrize("kty", ["OKP", "OKP-HSM"])
+def test_a_key_vault_refuses_okp_keys(key_client, raw, unique_key_name, kty):
+    with pytest.raises(HttpResponseError) as info:
+        key_client.create_key(unique_key_name, kty)
+    assert info.value.status_code == 400
+    response = raw.request("POST", f"/keys/{unique_key_name}/create", json={"kty": kty, "crv": "Ed25519"})
+    assert response.status_code == 400
+    assert error_of(response) == {
+        "code": "BadParameter",
+        "message": f"Invalid kty value: {kty}",
+        "innererror": {"code": "KeyTypeNotSupported"},
+    }
+    assert raw.request("GET", f"/keys/{unique_key_name}").status_code == 404
