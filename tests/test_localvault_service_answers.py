@@ -2,8 +2,8 @@
 
 Each expected value comes from a recording of the real service (``tests/recordings/NAME``, named in a
 comment) or from the reference notes on the service's behaviour (SERVICE-NOTES, which give their public
-source), never from localvault's own output. Items asserted exactly elsewhere are listed here, not
-repeated:
+source), never from localvault's own output; the few assertions of what no recording shows say "the
+choice made" (or so) beside them. Items asserted exactly elsewhere are listed here, not repeated:
 
 Key vault
 - kty oct, and any unknown kty: 400 BadParameter, innererror KeyTypeNotSupported -> test_unknown_kty_on_a_vault
@@ -231,6 +231,7 @@ def test_a_release_policy_survives_a_restart(tmp_path):
 @pytest.mark.parametrize("depth", [33, 900, 5000])
 @pytest.mark.parametrize("managed_hsm", [False, True])
 def test_a_deeply_nested_release_policy_is_a_400(depth, managed_hsm):
+    # the choice made (no recording): refused, never a 5xx
     policy = b64(('{"version":"1.0.0","anyOf":' + "[" * depth + "]" * depth + "}").encode())
     body = {"kty": "RSA-HSM", "attributes": {"exportable": True}, "release_policy": {"data": policy}}
     with LocalVault(managed_hsm=managed_hsm) as vault:
@@ -291,7 +292,8 @@ def test_a_token_from_another_issuer_gets_akv10032(localvault):
     assert response.status_code == 401
     error = error_of(response)
     assert error["code"] == "Unauthorized"
-    # SERVICE-NOTES give "AKV10032: Invalid issuer. ..."; the rest of the text is not public
+    # SERVICE-NOTES give "AKV10032: Invalid issuer. ..."; the rest is not public, and naming what was found,
+    # as AKV10022 does, is the choice made
     assert error["message"].startswith("AKV10032: Invalid issuer. ")
     assert error["message"].endswith("found: https://sts.windows.net/another/.")
 

@@ -6,6 +6,9 @@ written; the name ``vault`` is that vault (the controls' examples use it), reset
 block runs in a temporary directory with os.environ put back afterwards. A block that defines ``test_``
 functions is a test file: it is run by pytest in a process of its own, and each test must pass.
 
+README.md's blocks are samples for a reader: each must assert what it shows, and they run with only the
+key permissions that README tells the reader to grant.
+
 A block that cannot run says so just before it, in the Markdown: ``<!-- not run: the reason -->``. Those
 are counted against NOT_RUN below, so that a README cannot skip its blocks silently.
 """
@@ -29,8 +32,10 @@ READMES = ("README.md", "localvault/README.md")
 NOT_RUN: Dict[str, int] = {"README.md": 0, "localvault/README.md": 0}
 # How many each has at least (README.md: its Next steps); fewer means the extraction broke.
 AT_LEAST: Dict[str, int] = {"README.md": 4, "localvault/README.md": 9}
-# The README whose blocks are samples for a reader, each checking what it shows with an assert.
+# The README whose blocks are samples for a reader, each checking what it shows with an assert, and run
+# with only the key permissions it tells the reader to grant, at the address its blocks use.
 ASSERTING = "README.md"
+SAMPLES_VAULT = "contoso.vault.azure.net"
 _BLOCK = re.compile(r"^```python\n(.*?)^```[ \t]*$", re.M | re.S)
 _NOT_RUN = re.compile(r"<!--\s*not run:\s*(?P<reason>[^>]*?)\s*-->\s*\Z")
 
@@ -71,7 +76,24 @@ def test_the_block_runs(block: Block, localvault: LocalVault, block_scope: None,
     code = compile(block.code, f"{block.readme}:{block.line}", "exec")
     if re.search(r"^def test_", block.code, re.M):
         return run_as_tests(block, tmp_path)
-    exec(code, {"__name__": "readme_block", "vault": localvault})
+    if block.readme != ASSERTING:
+        exec(code, {"__name__": "readme_block", "vault": localvault})
+        return
+    samples = localvault.vault(SAMPLES_VAULT)
+    samples.set_key_permissions(granted_permissions())
+    try:
+        exec(code, {"__name__": "readme_block"})
+    finally:
+        samples.set_key_permissions(None)
+
+
+def granted_permissions() -> List[str]:
+    """The access-policy key permissions README.md grants: the quickstart's, plus those its Next steps add."""
+    text = (REPO / ASSERTING).read_text(encoding="utf-8")
+    quickstart = re.search(r"--key-permissions ([a-z ]+)`", text)
+    next_steps = re.search(r"these blocks add to the quickstart's: ([a-z, ]+)\)", text)
+    assert quickstart and next_steps, "README.md no longer says which key permissions to grant"
+    return quickstart[1].split() + next_steps[1].split(", ")
 
 
 def run_as_tests(block: Block, tmp_path: Path) -> None:
