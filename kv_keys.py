@@ -186,9 +186,12 @@ def choose_vault(args: argparse.Namespace, environ: Any) -> Vault:
         if vault.is_loopback:  # localvault's CA and identity endpoint serve a loopback vault only
             vault.ca_file = check_local_ca_file(environ)
             check_identity_variables(vault, environ, source)
+        else:
+            check_ca_bundles(environ)
         return vault
     if name:
         check_vault_name(name)
+        check_ca_bundles(environ)
         return Vault(kind="azure", url=f"https://{name.lower()}.vault.azure.net", label=name)
     if importlib.util.find_spec("localvault") is None:
         raise Failure(
@@ -1087,7 +1090,7 @@ class ExitStatus(enum.IntEnum):
         "permission denied (also: versions not listable, so not deleted), purge protection, or --hsm on a "
         "standard vault",
     )
-    UNREACHABLE = 5, "vault not found or unreachable (DNS, connection, TLS, a missing LOCALVAULT_CA_FILE)"
+    UNREACHABLE = 5, "vault not found or unreachable (DNS, connection, TLS, a missing LOCALVAULT_CA_FILE or CA bundle)"
     CONFLICT = 6, "name conflict: a key or a deleted key has this name, or the key got another version"
     BUSY = 7, "the vault kept throttling (429) or was unavailable (503), retries included: try again later"
     INTERRUPTED = 130, "interrupted (Ctrl-C): the key this run created is deleted, or the output names it"
@@ -1313,6 +1316,21 @@ def check_local_ca_file(environ: Any) -> Optional[str]:
             f"is localvault still running? Each start makes a new CA: {LOCALVAULT_HINT}",
         )
     return ca_file or None
+
+
+def check_ca_bundles(environ: Any) -> None:
+    """The CA bundles that requests reads for a vault in Azure, if set, must exist: a localvault that has stopped
+    removes the one its export lines named."""
+    for variable in ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE"):
+        bundle = environ.get(variable, "").strip()
+        if bundle and not os.path.exists(bundle):
+            raise Failure(
+                ExitStatus.UNREACHABLE,
+                f"cannot set up TLS: {variable} names {bundle}, which does not exist "
+                "(a localvault that has stopped removes the CA bundle its export lines named)",
+                "if it came from localvault, run the `unset` line it printed when it stopped, or start it again "
+                f"and run its new export lines; otherwise `unset {variable}` or point it at a CA bundle",
+            )
 
 
 def check_identity_variables(vault: Vault, environ: Any, source: str) -> None:

@@ -7,6 +7,7 @@ import contextlib
 import io
 import json
 import logging
+import os
 import re
 import select
 import socket
@@ -165,7 +166,9 @@ class Server(ThreadingHTTPServer):
 
     daemon_threads = False
     block_on_close = True
-    allow_reuse_address = False
+    # POSIX SO_REUSEADDR: bind again at once while a stopped server's closed connections sit in TIME_WAIT,
+    # never beside a live listener. Windows' would let a second server share the port, so not there.
+    allow_reuse_address = os.name != "nt"
     hidden: Tuple[str, ...] = ()  # secrets that never reach the log, even when a client sends them
     request_queue_size = BACKLOG
 

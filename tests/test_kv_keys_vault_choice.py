@@ -95,6 +95,33 @@ def test_stale_localvault_ca_file_is_reported_before_any_request(
     fake_client.factory.assert_not_called()
 
 
+@pytest.mark.parametrize("variable", ["REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE"])
+@pytest.mark.parametrize("vault", [["--vault-url", "https://contoso.vault.azure.net"], []])  # [] KEY_VAULT_NAME
+def test_a_stale_ca_bundle_is_reported_before_any_request_to_azure(
+    variable: str,
+    vault: List[str],
+    tmp_path: Path,
+    fake_client: mock.NonCallableMagicMock,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # What a stopped `python -m localvault` leaves in a shell that ran its export lines: a bundle it removed.
+    bundle = tmp_path / "ca-bundle.pem"
+    monkeypatch.setenv(variable, str(bundle))
+    code, _, err = run(capsys, *vault, "--name", NAME)
+    assert code == kv_keys.ExitStatus.UNREACHABLE
+    lines = error_lines(err)
+    assert lines[0].startswith(f"error: cannot set up TLS: {variable} names {bundle}, which does not exist")
+    assert "`unset` line" in lines[1] and f"unset {variable}" in lines[1]
+    assert "OSError" not in err
+    fake_client.factory.assert_not_called()
+
+    bundle.write_text("")  # it exists: what is in it is for requests to judge, when it connects
+    code, _, err = run(capsys, *vault, "--name", NAME)
+    assert code == kv_keys.ExitStatus.OK, err
+    fake_client.factory.assert_called_once()
+
+
 def test_empty_vault_url_option_is_a_usage_error(
     fake_client: mock.NonCallableMagicMock, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

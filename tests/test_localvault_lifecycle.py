@@ -45,6 +45,21 @@ def test_stop_closes_idle_keep_alive_connections():
     client.close()
 
 
+def test_a_stopped_vault_can_start_again_on_its_ports_at_once():
+    vault = LocalVault().start()
+    ports = {"port": vault.port, "identity_port": int(vault.identity_endpoint.split(":")[2].split("/")[0])}
+    client = vault.key_client()
+    client.create_ec_key("restart")  # a keep-alive connection, which stop() closes: its port waits in TIME_WAIT
+    vault.stop()
+    client.close()
+    again = LocalVault(**ports).start()  # what `python -m localvault --port P` does after a Ctrl-C
+    try:
+        assert again.port == ports["port"]
+        assert again.key_client().create_ec_key("restart").name == "restart"
+    finally:
+        again.stop()
+
+
 @pytest.mark.timeout(60)
 def test_stop_does_not_wait_for_connections_stuck_before_tls():
     before = set(threading.enumerate())
