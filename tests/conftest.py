@@ -58,6 +58,22 @@ def raw(localvault: Any) -> Iterator[RawVault]:
 
 
 @pytest.fixture
+def client_at_url(vault_at_url: Any) -> Iterator[KeyClient]:
+    """A KeyClient for the plugin's vault of this test (``vault_at_url``, shaped by ``localvault_options``)."""
+    client = vault_at_url.key_client()
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def raw_at_url(vault_at_url: Any) -> Iterator[RawVault]:
+    """``requests`` for the plugin's vault of this test, with a token for its resource."""
+    client = RawVault(vault_at_url)
+    yield client
+    client.close()
+
+
+@pytest.fixture
 def clean_env() -> Dict[str, str]:
     """A copy of os.environ without vault, identity, Azure, proxy or CA-bundle variables, with DefaultAzureCredential kept to
     developer tools (AZURE_TOKEN_CREDENTIALS=dev): for a subprocess, or for this process through use_env()."""

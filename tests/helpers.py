@@ -54,13 +54,14 @@ def is_loopback(host: Any) -> bool:
 
 
 class RawVault:
-    """``requests`` against localvault with a real token and its CA trusted; no SDK in between."""
+    """``requests`` against localvault with a real token (a key vault's or a Managed HSM's) and its CA trusted;
+    no SDK in between."""
 
     def __init__(self, vault: Any) -> None:
         self.vault = vault
         self.session = requests.Session()
         self.session.verify = vault.ca_file
-        token = vault.credential().get_token("https://vault.azure.net/.default").token
+        token = vault.credential().get_token(vault.resource + "/.default").token
         self.session.headers["Authorization"] = f"Bearer {token}"
 
     def request(
@@ -74,6 +75,17 @@ class RawVault:
 
     def close(self) -> None:
         self.session.close()
+
+
+def list_keys_with(vault: Any, token: str) -> requests.Response:
+    """GET /keys with this bearer token, and no other credential: how the vault judges a token."""
+    return requests.get(
+        f"{vault.url}/keys",
+        params={"api-version": API_VERSION},
+        headers={"Authorization": f"Bearer {token}"},
+        verify=vault.ca_file,
+        timeout=30,
+    )
 
 
 def error_of(response: requests.Response) -> dict:

@@ -10,7 +10,7 @@ import requests
 from azure.core.credentials import AccessToken
 from azure.core.exceptions import ClientAuthenticationError
 from azure.core.pipeline.transport import RequestsTransport
-from helpers import error_of
+from helpers import error_of, list_keys_with
 
 from localvault.tokens import ISSUER, TokenIssuer
 
@@ -147,13 +147,7 @@ def _bad_tokens(localvault):
 @pytest.mark.parametrize("kind", ["expired", "forged", "wrong-audience", "unsigned", "malformed"])
 def test_bad_tokens_get_401_and_the_challenge(localvault, kind):
     token = _bad_tokens(localvault)[kind]
-    response = requests.get(
-        f"{localvault.url}/keys",
-        params={"api-version": "2025-07-01"},
-        headers={"Authorization": f"Bearer {token}"},
-        verify=localvault.ca_file,
-        timeout=30,
-    )
+    response = list_keys_with(localvault, token)
     assert response.status_code == 401
     assert response.headers["WWW-Authenticate"].startswith(CHALLENGE_PREFIX)
     assert error_of(response)["code"] == "Unauthorized"

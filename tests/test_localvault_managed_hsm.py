@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives import keywrap
 from cryptography.hazmat.primitives import padding as block_padding
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from helpers import RawVault, error_of
+from helpers import error_of
 from test_localvault_cli import _start, _stop
 
 from localvault import LocalVault
@@ -52,27 +52,11 @@ def hsm(vault_at_url: LocalVault) -> LocalVault:
 
 
 @pytest.fixture
-def hsm_client(hsm: LocalVault) -> Iterator[Any]:
-    key_client = hsm.key_client()
-    yield key_client
-    key_client.close()
-
-
-@pytest.fixture
-def hsm_raw(hsm: LocalVault) -> Iterator[RawVault]:
-    raw = RawVault(hsm)
-    token = hsm.credential().get_token(RESOURCE + "/.default").token
-    raw.session.headers["Authorization"] = f"Bearer {token}"
-    yield raw
-    raw.close()
-
-
-@pytest.fixture
-def import_aes(hsm_client: Any, unique_key_name: str) -> Any:
+def import_aes(client_at_url: Any, unique_key_name: str) -> Any:
     def make(bits: int = 256) -> tuple:
         secret = os.urandom(bits // 8)
         ops = ["encrypt", "decrypt", "sign", "verify", "wrapKey", "unwrapKey"]  # the default has no sign
-        key = hsm_client.import_key(unique_key_name, JsonWebKey(kty="oct-HSM", k=secret, key_ops=ops))
+        key = client_at_url.import_key(unique_key_name, JsonWebKey(kty="oct-HSM", k=secret, key_ops=ops))
         return key, secret
 
     return make
@@ -98,7 +82,7 @@ def sdk_error(excinfo: Any) -> tuple:
 # -- authentication and mode ----------------------------------------------------------------------
 
 
-def test_challenge_and_tokens_use_the_managed_hsm_resource(hsm, hsm_client):
+def test_challenge_and_tokens_use_the_managed_hsm_resource(hsm, client_at_url):
     response = requests.get(f"{hsm.url}/keys", params={"api-version": "2025-07-01"}, verify=hsm.ca_file)
     assert response.status_code == 401
     assert f'resource="{RESOURCE}"' in response.headers["WWW-Authenticate"]
@@ -111,7 +95,7 @@ def test_challenge_and_tokens_use_the_managed_hsm_resource(hsm, hsm_client):
     )
     assert response.status_code == 401
     assert hsm.resource == RESOURCE
-    assert list(hsm_client.list_properties_of_keys()) == []  # the SDK follows the challenge
+    assert list(client_at_url.list_properties_of_keys()) == []  # the SDK follows the challenge
 
 
 def test_standalone_managed_hsm_serves_managed_hsm_tokens():
@@ -137,15 +121,15 @@ def test_standalone_managed_hsm_serves_managed_hsm_tokens():
 # -- random bytes ---------------------------------------------------------------------------------
 
 
-def test_get_random_bytes(hsm_client):
-    assert len(hsm_client.get_random_bytes(1)) == 1
-    first, second = hsm_client.get_random_bytes(128), hsm_client.get_random_bytes(128)
+def test_get_random_bytes(client_at_url):
+    assert len(client_at_url.get_random_bytes(1)) == 1
+    first, second = client_at_url.get_random_bytes(128), client_at_url.get_random_bytes(128)
     assert len(first) == 128 and first != second
 
 
 @pytest.mark.parametrize("body", [{"count": 0}, {"count": 129}, {"count": "4"}, {"count": True}, {}])
-def test_get_random_bytes_bounds(hsm_raw, body):
-    response = hsm_raw.request("POST", "/rng", json=body)
+def test_get_random_bytes_bounds(raw_at_url, body):
+    response = raw_at_url.request("POST", "/rng", json=body)
     assert response.status_code == 400
     assert error_of(response)["code"] == "BadParameter"
 
@@ -154,21 +138,21 @@ def test_get_random_bytes_bounds(hsm_raw, body):
 
 
 @pytest.mark.parametrize("bits", SIZES)
-def test_create_oct_hsm_keys(hsm_client, hsm_raw, unique_key_name, bits):
-    key = hsm_client.create_oct_key(unique_key_name, size=bits, hardware_protected=True)
+def test_create_oct_hsm_keys(client_at_url, raw_at_url, unique_key_name, bits):
+    key = client_at_url.create_oct_key(unique_key_name, size=bits, hardware_protected=True)
     assert key.key_type == "oct-HSM"
     assert key.key.k is None  # the secret never leaves the vault
-    body = hsm_raw.request("GET", f"/keys/{unique_key_name}").json()
+    body = raw_at_url.request("GET", f"/keys/{unique_key_name}").json()
     assert body["attributes"]["key_size"] == bits
     assert set(body["key"]) == {"kid", "kty", "key_ops"}
 
 
-def test_oct_key_size_must_be_an_aes_size(hsm_client, unique_key_name):
+def test_oct_key_size_must_be_an_aes_size(client_at_url, unique_key_name):
     with pytest.raises(HttpResponseError) as excinfo:
-        hsm_client.create_oct_key(unique_key_name, size=512, hardware_protected=True)
+        client_at_url.create_oct_key(unique_key_name, size=512, hardware_protected=True)
     assert sdk_error(excinfo) == (400, "BadParameter")
     with pytest.raises(HttpResponseError) as excinfo:
-        hsm_client.import_key(unique_key_name, JsonWebKey(kty="oct-HSM", k=os.urandom(20)))
+        client_at_url.import_key(unique_key_name, JsonWebKey(kty="oct-HSM", k=os.urandom(20)))
     assert sdk_error(excinfo) == (400, "BadParameter")
 
 
@@ -220,17 +204,17 @@ def test_aes_gcm(hsm, import_aes, bits):
         assert sdk_error(excinfo) == (400, "BadParameter")
 
 
-def test_aes_gcm_on_the_wire(import_aes, hsm_raw):
+def test_aes_gcm_on_the_wire(import_aes, raw_at_url):
     key, secret = import_aes(128)
     path = f"/keys/{key.name}/{key.properties.version}"
-    response = hsm_raw.request(
+    response = raw_at_url.request(
         "POST", f"{path}/encrypt", json={"alg": "A128GCM", "value": b64(b"hi"), "aad": b64(b"a")}
     )
     body = response.json()
     assert set(body) == {"kid", "alg", "value", "iv", "tag", "aad"}
     plaintext = AESGCM(secret).decrypt(unb64(body["iv"]), unb64(body["value"]) + unb64(body["tag"]), b"a")
     assert plaintext == b"hi"
-    body = hsm_raw.request(
+    body = raw_at_url.request(
         "POST",
         f"{path}/decrypt",
         json={
@@ -293,25 +277,25 @@ def test_hmac_sign_and_verify(hsm, import_aes, alg):
         ("encrypt", {"alg": "RSA-OAEP", "value": "aGk"}),
     ],
 )
-def test_symmetric_refusals(import_aes, hsm_raw, operation, body):
+def test_symmetric_refusals(import_aes, raw_at_url, operation, body):
     key, _ = import_aes(256)
-    response = hsm_raw.request("POST", f"/keys/{key.name}//{operation}", json=body)
+    response = raw_at_url.request("POST", f"/keys/{key.name}//{operation}", json=body)
     assert response.status_code == 400, response.text
     assert error_of(response)["code"] == "BadParameter"
 
 
-def test_disabled_oct_key_refuses_every_operation(hsm_client, import_aes, hsm_raw):
+def test_disabled_oct_key_refuses_every_operation(client_at_url, import_aes, raw_at_url):
     key, _ = import_aes(256)
-    hsm_client.update_key_properties(key.name, enabled=False)
-    response = hsm_raw.request(
+    client_at_url.update_key_properties(key.name, enabled=False)
+    response = raw_at_url.request(
         "POST", f"/keys/{key.name}//wrapkey", json={"alg": "A256KW", "value": b64(bytes(32))}
     )
     assert response.status_code == 403
     assert error_of(response)["innererror"] == {"code": "KeyDisabled"}
 
 
-def test_rsa_hsm_keys_work_in_managed_hsm_mode(hsm, hsm_client, unique_key_name):
-    key = hsm_client.create_rsa_key(unique_key_name, size=2048, hardware_protected=True)
+def test_rsa_hsm_keys_work_in_managed_hsm_mode(hsm, client_at_url, unique_key_name):
+    key = client_at_url.create_rsa_key(unique_key_name, size=2048, hardware_protected=True)
     with hsm.crypto_client(key.id) as crypto:
         digest = hashlib.sha256(b"m").digest()
         signature = crypto.sign(SignatureAlgorithm.rs256, digest).signature
@@ -321,21 +305,21 @@ def test_rsa_hsm_keys_work_in_managed_hsm_mode(hsm, hsm_client, unique_key_name)
 # -- backup and restore ---------------------------------------------------------------------------
 
 
-def test_oct_key_backup_restores_with_its_secret(hsm, hsm_client, import_aes):
+def test_oct_key_backup_restores_with_its_secret(hsm, client_at_url, import_aes):
     key, secret = import_aes(192)
-    blob = hsm_client.backup_key(key.name)
-    hsm_client.begin_delete_key(key.name).wait()
-    hsm_client.purge_deleted_key(key.name)
-    restored = hsm_client.restore_key_backup(blob)
+    blob = client_at_url.backup_key(key.name)
+    client_at_url.begin_delete_key(key.name).wait()
+    client_at_url.purge_deleted_key(key.name)
+    restored = client_at_url.restore_key_backup(blob)
     assert restored.id == key.id and restored.key_type == "oct-HSM"
     with hsm.crypto_client(key.id) as crypto, remote_only():
         wrapped = crypto.wrap_key(KeyWrapAlgorithm.aes_192, bytes(24)).encrypted_key
     assert keywrap.aes_key_unwrap(secret, wrapped) == bytes(24)
 
 
-def test_a_key_vault_does_not_restore_an_oct_key(hsm_client, import_aes, key_client):
+def test_a_key_vault_does_not_restore_an_oct_key(client_at_url, import_aes, key_client):
     key, _ = import_aes(256)
-    blob = hsm_client.backup_key(key.name)
+    blob = client_at_url.backup_key(key.name)
     with pytest.raises(HttpResponseError) as excinfo:
         key_client.restore_key_backup(blob)
     assert sdk_error(excinfo) == (400, "BadParameter")

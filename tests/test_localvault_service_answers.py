@@ -44,12 +44,12 @@ from __future__ import annotations
 
 import base64
 import os
-from typing import Any, Dict, Iterator
+from typing import Any, Dict
 
 import pytest
 import requests
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-from helpers import RawVault, error_of
+from helpers import RawVault, error_of, list_keys_with
 
 from localvault import LocalVault
 from localvault.control import KEY_PERMISSIONS
@@ -81,9 +81,10 @@ def _create(raw: RawVault, name: str, api_version: str = "2025-07-01", **body: A
 # -- Key vault ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kty", ["oct", "XYZ"])
+@pytest.mark.parametrize("kty", ["oct", "XYZ", "OKP", "OKP-HSM"])
 def test_unknown_kty_on_a_vault(raw, unique_key_name, kty):
     # SERVICE-NOTES (Azure/azure-sdk-for-net#13437 and others): oct is for Managed HSM; the same form for any kty
+    # (OKP: recorded in Managed HSMs only, tests/recordings/net/mhsm-create-okp-key.json)
     response = raw.request("POST", f"/keys/{unique_key_name}/create", json={"kty": kty, "key_size": 256})
     assert response.status_code == 400
     assert error_of(response) == {
@@ -236,8 +237,6 @@ def test_a_deeply_nested_release_policy_is_a_400(depth, managed_hsm):
     body = {"kty": "RSA-HSM", "attributes": {"exportable": True}, "release_policy": {"data": policy}}
     with LocalVault(managed_hsm=managed_hsm) as vault:
         raw = RawVault(vault)
-        token = vault.credential().get_token(vault.resource + "/.default").token
-        raw.session.headers["Authorization"] = f"Bearer {token}"
         response = raw.request("POST", "/keys/deep/create", json=body)
         raw.close()
     assert response.status_code == 400 and error_of(response)["code"] == "BadParameter"
@@ -269,26 +268,14 @@ def _token(localvault: LocalVault, audience: str, issuer: str = ISSUER, lifetime
 )
 def test_token_refusals(localvault, audience, issuer, lifetime, message):
     token = _token(localvault, audience, issuer, lifetime)
-    response = requests.get(
-        f"{localvault.url}/keys",
-        params={"api-version": "2025-07-01"},
-        headers={"Authorization": f"Bearer {token}"},
-        verify=localvault.ca_file,
-        timeout=30,
-    )
+    response = list_keys_with(localvault, token)
     assert response.status_code == 401
     assert error_of(response) == {"code": "Unauthorized", "message": message}
 
 
 def test_a_token_from_another_issuer_gets_akv10032(localvault):
     token = _token(localvault, "https://vault.azure.net", issuer="https://sts.windows.net/another/")
-    response = requests.get(
-        f"{localvault.url}/keys",
-        params={"api-version": "2025-07-01"},
-        headers={"Authorization": f"Bearer {token}"},
-        verify=localvault.ca_file,
-        timeout=30,
-    )
+    response = list_keys_with(localvault, token)
     assert response.status_code == 401
     error = error_of(response)
     assert error["code"] == "Unauthorized"
@@ -402,14 +389,6 @@ class TestManagedHsm:
     def localvault_options(self) -> Dict[str, Any]:
         return {"managed_hsm": True}
 
-    @pytest.fixture
-    def hsm_raw(self, vault_at_url: LocalVault) -> Iterator[RawVault]:
-        raw = RawVault(vault_at_url)
-        token = vault_at_url.credential().get_token(HSM_RESOURCE + "/.default").token
-        raw.session.headers["Authorization"] = f"Bearer {token}"
-        yield raw
-        raw.close()
-
     @staticmethod
     def message_of(response: requests.Response) -> str:
         """The error message without its Activity ID, after checking that the ID is this answer's request id."""
@@ -418,7 +397,7 @@ class TestManagedHsm:
         assert message.endswith(suffix), message
         return message[: -len(suffix)]
 
-    def _import_aes(self, hsm_raw: RawVault, name: str, secret: bytes) -> str:
+    def _import_aes(self, raw_at_url: RawVault, name: str, secret: bytes) -> str:
         body = {
             "key": {
                 "kty": "oct-HSM",
@@ -426,13 +405,13 @@ class TestManagedHsm:
                 "key_ops": ["encrypt", "decrypt", "wrapKey", "unwrapKey"],
             }
         }
-        response = hsm_raw.request("PUT", f"/keys/{name}", api_version="7.3", json=body)
+        response = raw_at_url.request("PUT", f"/keys/{name}", api_version="7.3", json=body)
         assert response.status_code == 200, response.text
         return response.json()["key"]["kid"]
 
-    def test_rsa_is_answered_as_rsa_hsm(self, hsm_raw, unique_key_name):
+    def test_rsa_is_answered_as_rsa_hsm(self, raw_at_url, unique_key_name):
         # net/mhsm-create-rsa-public-exponent-3.json and js/mhsm-create-exportable-and-release.json
-        body = _create(hsm_raw, unique_key_name, "7.4-preview.1", kty="RSA", key_size=2048)
+        body = _create(raw_at_url, unique_key_name, "7.4-preview.1", kty="RSA", key_size=2048)
         assert body["key"]["kty"] == "RSA-HSM"
         assert set(body["key"]) == {"kid", "kty", "key_ops", "n", "e"}
         assert set(body["key"]["key_ops"]) == {"encrypt", "decrypt", "sign", "verify", "wrapKey", "unwrapKey"}
@@ -449,19 +428,19 @@ class TestManagedHsm:
             ("2025-07-01", {"encrypt", "decrypt", "sign", "verify", "wrapKey", "unwrapKey", "deriveKey"}),
         ],
     )
-    def test_oct_hsm_default_key_ops(self, hsm_raw, unique_key_name, api_version, key_ops):
-        body = _create(hsm_raw, unique_key_name, api_version, kty="oct-HSM", attributes={})
+    def test_oct_hsm_default_key_ops(self, raw_at_url, unique_key_name, api_version, key_ops):
+        body = _create(raw_at_url, unique_key_name, api_version, kty="oct-HSM", attributes={})
         assert body["key"]["kty"] == "oct-HSM" and set(body["key"]) == {"kid", "kty", "key_ops"}
         assert sorted(body["key"]["key_ops"]) == sorted(key_ops)
-        fetched = hsm_raw.request("GET", f"/keys/{unique_key_name}", api_version=api_version).json()
+        fetched = raw_at_url.request("GET", f"/keys/{unique_key_name}", api_version=api_version).json()
         assert sorted(fetched["key"]["key_ops"]) == sorted(key_ops)
 
-    def test_cbc_zero_pads_a_partial_block(self, hsm_raw, unique_key_name):
+    def test_cbc_zero_pads_a_partial_block(self, raw_at_url, unique_key_name):
         # python/mhsm-aes-gcm-cbc-cbcpad-7.3.json: 200 bytes encrypt to 208; decrypt gives them and 8 zero bytes
         secret, iv, plaintext = os.urandom(32), os.urandom(16), os.urandom(200)
-        kid = self._import_aes(hsm_raw, unique_key_name, secret)
+        kid = self._import_aes(raw_at_url, unique_key_name, secret)
         path = kid.split("/", 3)[3]
-        response = hsm_raw.request(
+        response = raw_at_url.request(
             "POST",
             f"/{path}/encrypt",
             api_version="7.3",
@@ -471,7 +450,7 @@ class TestManagedHsm:
         ciphertext = unb64(response.json()["value"])
         encryptor = Cipher(algorithms.AES(secret), modes.CBC(iv)).encryptor()
         assert ciphertext == encryptor.update(plaintext + bytes(8)) + encryptor.finalize()
-        response = hsm_raw.request(
+        response = raw_at_url.request(
             "POST",
             f"/{path}/decrypt",
             api_version="7.3",
@@ -480,14 +459,14 @@ class TestManagedHsm:
         assert response.status_code == 200, response.text
         assert unb64(response.json()["value"]) == plaintext + bytes(8)
 
-    def test_symmetric_results(self, hsm_raw, unique_key_name):
+    def test_symmetric_results(self, raw_at_url, unique_key_name):
         # python/mhsm-aes-gcm-cbc-cbcpad-7.3.json: the members of each result
-        kid = self._import_aes(hsm_raw, unique_key_name, os.urandom(32))
+        kid = self._import_aes(raw_at_url, unique_key_name, os.urandom(32))
         path = kid.split("/", 3)[3]
         aad, plaintext = b"aad-it", os.urandom(200)
 
         def post(operation: str, **body: Any) -> Dict[str, Any]:
-            response = hsm_raw.request("POST", f"/{path}/{operation}", api_version="7.3", json=body)
+            response = raw_at_url.request("POST", f"/{path}/{operation}", api_version="7.3", json=body)
             assert response.status_code == 200, response.text
             return response.json()
 
@@ -504,17 +483,17 @@ class TestManagedHsm:
             assert set(sealed) == {"kid", "alg", "value", "iv"} and (sealed["alg"], sealed["iv"]) == (alg, iv)
             assert set(post("decrypt", alg=alg, value=sealed["value"], iv=iv)) == {"kid", "alg", "value"}
 
-    def test_errors_end_with_the_activity_id(self, hsm_raw, vault_at_url, unique_key_name):
+    def test_errors_end_with_the_activity_id(self, raw_at_url, vault_at_url, unique_key_name):
         # net/mhsm-get-missing-key-404.json
-        response = hsm_raw.request("GET", f"/keys/{unique_key_name}/", api_version="7.3-preview")
+        response = raw_at_url.request("GET", f"/keys/{unique_key_name}/", api_version="7.3-preview")
         assert response.status_code == 404
         assert error_of(response)["code"] == "KeyNotFound"
         assert self.message_of(response) == f"Key not found: {vault_at_url.url}/keys/{unique_key_name}"
 
     @pytest.mark.parametrize("count", [-1, 0, 129])
-    def test_rng_range_error(self, hsm_raw, count):
+    def test_rng_range_error(self, raw_at_url, count):
         # js/rng-out-of-range-mhsm-400.json
-        response = hsm_raw.request("POST", "/rng", api_version="7.4-preview.1", json={"count": count})
+        response = raw_at_url.request("POST", "/rng", api_version="7.4-preview.1", json={"count": count})
         assert response.status_code == 400
         assert error_of(response)["code"] == "BadParameter"
         assert (
@@ -538,9 +517,9 @@ class TestManagedHsm:
         )
         assert response.headers["WWW-Authenticate"].endswith(f'", resource="{HSM_RESOURCE}"')
 
-    def test_managed_hsm_headers(self, hsm_raw, unique_key_name):
+    def test_managed_hsm_headers(self, raw_at_url, unique_key_name):
         # SERVICE-NOTES (Managed HSM headers); x-ms-server-latency in every Managed HSM recording
-        response = hsm_raw.request(
+        response = raw_at_url.request(
             "POST", f"/keys/{unique_key_name}/create", api_version="7.3", json={"kty": "EC-HSM"}
         )
         assert response.status_code == 200
@@ -553,19 +532,19 @@ class TestManagedHsm:
         for absent in ("x-ms-keyvault-service-version", "Pragma", "Expires", "Server"):
             assert absent not in headers
 
-    def test_permission_refusal_is_local_rbac(self, hsm_raw, vault_at_url, unique_key_name):
+    def test_permission_refusal_is_local_rbac(self, raw_at_url, vault_at_url, unique_key_name):
         # SERVICE-NOTES (Azure/azure-cli#32719): top-level AccessDenied, "Not authorized to access <data action> on <scope>"
         vault_at_url.set_key_permissions(KEY_PERMISSIONS - {"get"})
-        response = hsm_raw.request("GET", f"/keys/{unique_key_name}")
+        response = raw_at_url.request("GET", f"/keys/{unique_key_name}")
         assert response.status_code == 403
         assert set(error_of(response)) == {"code", "message"} and error_of(response)["code"] == "AccessDenied"
         assert self.message_of(response) == (
             f"Not authorized to access Microsoft.KeyVault/managedHsm/keys/read/action on /keys/{unique_key_name}"
         )
 
-    def test_exportable_without_release_policy(self, hsm_raw, unique_key_name):
+    def test_exportable_without_release_policy(self, raw_at_url, unique_key_name):
         # js/mhsm-create-exportable-without-policy-400.json
-        response = hsm_raw.request(
+        response = raw_at_url.request(
             "POST",
             f"/keys/{unique_key_name}/create",
             api_version="7.3",
@@ -575,7 +554,7 @@ class TestManagedHsm:
         assert error_of(response)["code"] == "BadParameter"
         assert self.message_of(response) == "Exportable keys must have release policy"
 
-    def test_release_policy_is_written_back_and_updated(self, hsm_raw, unique_key_name):
+    def test_release_policy_is_written_back_and_updated(self, raw_at_url, unique_key_name):
         # js/mhsm-update-release-policy.json (7.3): version "1.0" comes back as "1.0.0", the members in order
         sent = "".join(MHSM_POLICIES[0])
         body = {
@@ -584,14 +563,14 @@ class TestManagedHsm:
             "attributes": {"exportable": True},
             "release_policy": {"data": sent},
         }
-        created = _create(hsm_raw, unique_key_name, "7.3", **body)
+        created = _create(raw_at_url, unique_key_name, "7.3", **body)
         assert created["key"]["kty"] == "RSA-HSM" and created["attributes"]["exportable"] is True
         assert created["release_policy"] == {
             "contentType": "application/json; charset=utf-8",
             "data": "".join(MHSM_POLICIES[1]),
             "immutable": False,
         }
-        response = hsm_raw.request(
+        response = raw_at_url.request(
             "PATCH",
             f"/keys/{unique_key_name}/",
             api_version="7.3",
@@ -604,9 +583,9 @@ class TestManagedHsm:
             "immutable": False,
         }
 
-    def test_restore_of_a_foreign_blob(self, hsm_raw):
+    def test_restore_of_a_foreign_blob(self, raw_at_url):
         # net/mhsm-restore-foreign-blob-400.json
-        response = hsm_raw.request(
+        response = raw_at_url.request(
             "POST", "/keys//restore", api_version="7.3-preview", json={"value": "bm9uLWV4aXN0aW5n"}
         )
         assert response.status_code == 400
@@ -615,16 +594,16 @@ class TestManagedHsm:
             "Backup blob belongs to a different crypto domain and cannot be used with this instance."
         )
 
-    def test_backup_of_a_missing_key(self, hsm_raw, vault_at_url, unique_key_name):
+    def test_backup_of_a_missing_key(self, raw_at_url, vault_at_url, unique_key_name):
         # net/mhsm-backup-missing-key-404.json
-        response = hsm_raw.request("POST", f"/keys/{unique_key_name}/backup", api_version="7.3-preview")
+        response = raw_at_url.request("POST", f"/keys/{unique_key_name}/backup", api_version="7.3-preview")
         assert response.status_code == 404
         assert error_of(response)["code"] == "KeyNotFound"
         assert self.message_of(response) == f"Key not found: {vault_at_url.url}/keys/{unique_key_name}"
 
-    def test_list_versions_of_a_missing_key(self, hsm_raw, unique_key_name):
+    def test_list_versions_of_a_missing_key(self, raw_at_url, unique_key_name):
         # net/mhsm-list-versions-missing-key-empty.json: 200, no nextLink
-        response = hsm_raw.request("GET", f"/keys/{unique_key_name}/versions", api_version="7.3")
+        response = raw_at_url.request("GET", f"/keys/{unique_key_name}/versions", api_version="7.3")
         assert response.status_code == 200
         assert response.headers["Content-Type"] == JSON_TYPE
         assert response.json() == {"value": []}
