@@ -481,6 +481,8 @@ class Handler(BaseHTTPRequestHandler):
             too_large = TOO_LARGE.format(limit)
             self.send_error(400 if length is None else 413, BAD_FRAMING if length is None else too_large)
             return False
+        # Busy before the 100: a client sending its body on it must never have its connection taken for idle.
+        self.server.request_arrived(self.connection)
         self.send_response_only(100)
         self.end_headers()
         self.wfile.flush()
