@@ -175,9 +175,10 @@ class VaultHandler(Handler):
             elif isinstance(payload.get("error"), dict):
                 payload["error"]["message"] = f"{payload['error'].get('message')} (Activity ID: {request_id})"
             headers["x-ms-server-latency"] = str(int((time.monotonic() - started) * 1000))
-        self.send_json(status, payload, headers)
-        # logged before the answer is flushed, so a client that has its answer finds it in the log
+        # logged before the answer is written: one past the write buffer leaves at once, and a client
+        # that has its answer must find it in the log
         self.server.controls.log.record(self.command, self.path, status, fault)
+        self.send_json(status, payload, headers)
 
     def send_response(self, code: int, message: Optional[str] = None) -> None:
         """The status line and Date: the service sends no ``Server`` header."""

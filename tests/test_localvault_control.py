@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import errno
+import http.client
 import os
+import select
 import signal
 import socket
 import ssl
@@ -163,6 +165,38 @@ def test_requests_log_through_the_api(localvault, key_client, unique_key_name):
     assert not any("?" in e["path"] for e in entries)  # the query is never logged
     assert control(localvault, "DELETE", "requests").status_code == 204
     assert localvault.requests() == []
+
+
+def test_an_answer_larger_than_the_write_buffer_is_in_the_log_before_it_reaches_the_client(monkeypatch):
+    with LocalVault() as vault, vault.key_client() as client:
+        tags = {f"{i:02d}" + "n" * 510: "v" * 256 for i in range(15)}
+        for i in range(8):  # a page of them is about 90 KB, past the handler's 64 KB write buffer
+            client.create_ec_key(f"large-{i}", tags=tags)
+        token = vault.credential().get_token("https://vault.azure.net/.default").token
+        context = ssl.create_default_context(cafile=vault.ca_file)
+        plain = socket.create_connection(("127.0.0.1", vault.port), timeout=30)
+        head = f"GET /keys?api-version=7.5 HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\n\r\n"
+        with plain, context.wrap_socket(plain, server_hostname="127.0.0.1") as tls:
+
+            def answer() -> bytes:
+                tls.sendall(head.encode())
+                response = http.client.HTTPResponse(tls, method="GET")
+                response.begin()
+                assert response.status == 200
+                return response.read()
+
+            answer()  # and with it the TLS session tickets the server sent after the handshake
+            answered_first = []
+            record = vault.controls.log.record
+
+            def noting(*args: object) -> None:  # loopback delivers as it sends: readable means answered
+                answered_first.append(bool(select.select([tls.fileno()], [], [], 0)[0]))
+                record(*args)
+
+            monkeypatch.setattr(vault.controls.log, "record", noting)
+            assert len(answer()) > 64 * 1024
+        assert answered_first == [False]
+        assert [e["operation"] for e in vault.requests()][-1] == "GetKeys"
 
 
 def test_request_log_is_bounded(localvault):
