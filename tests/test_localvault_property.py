@@ -109,7 +109,10 @@ def requests_for(draw: Any, route: urls.Route, token: str) -> Tuple[str, bytes]:
     )
     query = [("api-version", draw(st.sampled_from(API_VERSIONS)))] * draw(st.booleans()) + query
     target = path + ("?" + urlencode(query) if query else "")
-    authorization = draw(st.sampled_from([f"Bearer {token}", f"Bearer {token}"[:-3] + "abc", "", "Basic x"]))
+    header_and_payload, signature = token.rsplit(".", 1)
+    # a signature's first character carries six whole bits: another one always changes it
+    forged = f"{header_and_payload}.{'B' if signature[0] == 'A' else 'A'}{signature[1:]}"
+    authorization = draw(st.sampled_from([f"Bearer {token}", f"Bearer {forged}", "", "Basic x"]))
     headers = draw(
         st.lists(
             st.tuples(st.from_regex(_TOKEN, fullmatch=True), _HEADER_VALUE).filter(
