@@ -28,6 +28,7 @@ import argparse
 import contextlib
 import hashlib
 import multiprocessing
+import multiprocessing.connection
 import os
 import random
 import secrets
@@ -78,7 +79,7 @@ class SoakClient:
     """One client's KeyClient, its names and their models, and the operations on them."""
 
     def __init__(self, exports: Dict[str, str], index: int, seed: int, served: Any) -> None:
-        self.client, self._crypto_client = clients(exports, served)
+        self.client, self._crypto_client = clients(exports, served, index)
         self.models = [KeyModel(f"soak-{index:02d}-{j}") for j in range(NAMES_PER_CLIENT)]
         self.rng = random.Random(seed * 1000 + index)
         self.latest: Dict[str, Any] = {}  # name -> the latest KeyVaultKey, to sign with
@@ -232,10 +233,10 @@ class SoakClient:
         }
 
 
-def clients(exports: Dict[str, str], served: Any = None) -> Tuple[Any, Callable[[Any], Any]]:
+def clients(exports: Dict[str, str], served: Any = None, index: int = 0) -> Tuple[Any, Callable[[Any], Any]]:
     """A KeyClient for the vault, and a maker of CryptographyClients, all on one connection pool, with
     the vault's managed identity (nothing else is tried) and no retries; each response from the vault
-    adds one to ``served`` (a shared number), if given."""
+    adds one to ``served[index]`` (this client's count, in memory shared with the parent), if given."""
     os.environ.update(exports)
     import requests
     from azure.core.pipeline.transport import RequestsTransport
@@ -248,8 +249,7 @@ def clients(exports: Dict[str, str], served: Any = None) -> Tuple[Any, Callable[
     if served is not None:
 
         def count(_response: Any) -> None:
-            with served.get_lock():
-                served.value += 1
+            served[index] += 1  # only this process writes its slot: no lock
 
         options["raw_response_hook"] = count
     session = requests.Session()
@@ -301,25 +301,25 @@ def describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}{f' {status}' if status else ''}: {text[0] if text else ''}"
 
 
-def worker(index: int, tasks, results, served, measured_from) -> None:
+def worker(index: int, link, served, measured_from) -> None:
     """A client process: for each run, build its client, say it is ready, soak from the time given."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C reaches the whole group: the parent stops it
     while True:
-        task = tasks.get()
+        task = link.recv()
         if task is None:
             return
         try:
             exports, seed, seconds = task
             soak = SoakClient(exports, index, seed, served)
             soak.warm()
-            results.put(("ready", index, None))
-            start_at = tasks.get()
+            link.send(("ready", index, None))
+            start_at = link.recv()
             if start_at is None:
                 return
-            results.put(("done", index, soak.run(start_at, measured_from, seconds)))
+            link.send(("done", index, soak.run(start_at, measured_from, seconds)))
             soak.client.close()
         except Exception:  # the parent stops the soak and shows it
-            results.put(("failed", index, traceback.format_exc()))
+            link.send(("failed", index, traceback.format_exc()))
 
 
 @dataclass
@@ -444,14 +444,14 @@ def soak(label: str, data_dir: Optional[str], pool: Pool, args) -> Run:
     run = Run(label, args.seconds)
     models: List[KeyModel] = []
     try:
-        pool.served.value, pool.measured_from.value = 0, 0.0
+        pool.served[:], pool.measured_from.value = [0] * len(pool.links), 0.0
         pool.send((vault.exports, args.seed, args.seconds))
         pool.collect("ready", 180)
         pid = vault.process.pid
         run.memory["start"] = memory_kib(pid)
         start_at = time.time() + 0.2
         pool.send(start_at)
-        print(f"{label} run: {len(pool.tasks)} clients soaking the vault", flush=True)
+        print(f"{label} run: {len(pool.links)} clients soaking the vault", flush=True)
 
         def sample(until: Callable[[], bool]) -> None:
             while not until():
@@ -459,7 +459,7 @@ def soak(label: str, data_dir: Optional[str], pool: Pool, args) -> Run:
                 if not run.trace or time.time() - start_at - run.trace[-1][0] >= 1:
                     run.trace.append((time.time() - start_at, memory_kib(pid)))
 
-        sample(lambda: pool.served.value >= args.warmup_requests or time.time() > start_at + MAX_WARMUP)
+        sample(lambda: sum(pool.served) >= args.warmup_requests or time.time() > start_at + MAX_WARMUP)
         pool.measured_from.value = time.time()
         run.warmup_seconds = pool.measured_from.value - start_at
         run.memory["after warm-up"] = memory_kib(pid)
@@ -504,49 +504,61 @@ def listed_everywhere(exports: Dict[str, str], models: List[KeyModel]) -> List[s
 
 
 class Pool:
-    """The client processes, started once and soaking one run after another."""
+    """The client processes, started once and soaking one run after another.
+
+    Pipes and raw shared memory only: a Queue's or a Value's lock is a named semaphore, which a soak stopped
+    at the wrong moment could leave to multiprocessing's resource tracker ("leaked semaphore objects")."""
 
     def __init__(self, count: int) -> None:
         context = multiprocessing.get_context("spawn")
-        self.results = context.Queue()
-        self.tasks = [context.Queue() for _ in range(count)]
-        self.served = context.Value("q", 0)  # responses from the vault in this run
-        self.measured_from = context.Value("d", 0.0)  # when the warm-up ended; 0 until then
+        pairs = [context.Pipe() for _ in range(count)]
+        self.links = [ours for ours, _ in pairs]
+        self.served = context.RawArray("q", count)  # responses from the vault in this run, per client
+        self.measured_from = context.RawValue("d", 0.0)  # when the warm-up ended; 0 until then
         self.processes = [
-            context.Process(
-                target=worker, args=(i, queue, self.results, self.served, self.measured_from), daemon=True
-            )
-            for i, queue in enumerate(self.tasks)
+            context.Process(target=worker, args=(i, theirs, self.served, self.measured_from), daemon=True)
+            for i, (_, theirs) in enumerate(pairs)
         ]
         for process in self.processes:
             process.start()
+        for _, theirs in pairs:
+            theirs.close()  # the client's end is the client's: a client that dies then reads as EOF here
 
     def send(self, message: Any) -> None:
-        for queue in self.tasks:
-            queue.put(message)
+        for link in self.links:
+            link.send(message)
 
     def collect(self, kind: str, timeout: float) -> List[Any]:
-        got = []
-        while len(got) < len(self.tasks):
-            got_kind, index, payload = self.results.get(timeout=timeout)
-            if got_kind != kind:
-                raise SystemExit(f"client {index} {got_kind} while the soak waited for {kind}:\n{payload}")
-            got.append(payload)
-        return got
+        got: Dict[int, Any] = {}
+        deadline = time.monotonic() + timeout
+        while len(got) < len(self.links):
+            waiting = [link for i, link in enumerate(self.links) if i not in got]
+            ready = multiprocessing.connection.wait(waiting, max(0.0, deadline - time.monotonic()))
+            if not ready:
+                raise SystemExit(f"the clients did not say {kind} within {timeout:g} s")
+            for link in ready:
+                try:
+                    got_kind, index, payload = link.recv()  # type: ignore[union-attr]
+                except EOFError:
+                    raise SystemExit(f"a client ended while the soak waited for {kind}") from None
+                if got_kind != kind:
+                    raise SystemExit(f"client {index} {got_kind} while the soak waited for {kind}:\n{payload}")
+                got[index] = payload
+        return [got[i] for i in sorted(got)]
 
     def close(self, at_once: bool = False) -> None:
-        """Stop the clients: once they have finished their run, or ``at_once``; then free the queues."""
+        """Stop the clients: once they have finished their run, or ``at_once``; then close the pipes."""
         if not at_once:
-            self.send(None)
+            with contextlib.suppress(OSError):  # a client that has died reads nothing more
+                self.send(None)
             for process in self.processes:
                 process.join(timeout=30)
         for process in self.processes:
             if process.is_alive():
                 process.terminate()
             process.join()
-        for queue in (*self.tasks, self.results):
-            queue.close()
-            queue.cancel_join_thread()  # what a client left unread is of no use now
+        for link in self.links:
+            link.close()
 
 
 def milliseconds(values: List[float], pct: float) -> str:
