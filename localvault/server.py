@@ -3,7 +3,6 @@ exceptions into the service's error JSON. The HTTP/1.1 machinery under both is i
 
 from __future__ import annotations
 
-import contextlib
 import hmac
 import logging
 import ssl
@@ -188,10 +187,8 @@ class VaultHandler(Handler):
 
     def body_limit(self) -> int:
         """A restore takes the largest backup this vault makes; every other request MAX_BODY."""
-        with contextlib.suppress(BadParameter):  # a bad target is answered later, for what it is
-            path = split_target(self.path).path.rstrip("/").lower()
-            if self.command == "POST" and path in ("/keys/restore", "/keys//restore"):
-                return MAX_RESTORE_BODY
+        if control.operation_of(self.command, self.path) == "RestoreKey":  # as the route table spells it
+            return MAX_RESTORE_BODY
         return super().body_limit()
 
     def _handle(self, body: bytes) -> Tuple[int, Optional[Dict[str, Any]]]:
