@@ -130,6 +130,18 @@ def environ_without_vaults() -> Dict[str, str]:
     }
 
 
+def pytest_with_localvault(directory: Path, env: Dict[str, str]) -> subprocess.CompletedProcess:
+    """A pytest of its own in ``directory``, with localvault's plugin and this clone importable."""
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "localvault.pytest_plugin", "-p", "no:cacheprovider"],
+        cwd=directory,
+        env=dict(env, PYTHONPATH=str(REPO)),
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+
+
 def use_env(monkeypatch: pytest.MonkeyPatch, env: Dict[str, str]) -> None:
     """Make os.environ equal to env for this test (monkeypatch puts it back)."""
     for name in set(os.environ) - set(env):

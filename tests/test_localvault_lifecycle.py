@@ -7,13 +7,11 @@ import os
 import socket
 import ssl
 import stat
-import subprocess
-import sys
 import threading
 
 import pytest
 from azure.core.exceptions import ResourceNotFoundError
-from helpers import REPO
+from helpers import pytest_with_localvault
 
 from localvault import LocalVault
 
@@ -134,14 +132,7 @@ def test_the_fixture_resets_the_vault_between_tests(tmp_path, clean_env, fixture
     # Two tests in order, in a pytest of their own: what the first changes, the second must not see. The
     # session's vault without the fixture's reset shows that the second test would see it.
     (tmp_path / "test_reset.py").write_text(RESET_CHECK.replace("FIXTURE", fixture))
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "localvault.pytest_plugin", "-p", "no:cacheprovider"],
-        cwd=tmp_path,
-        env=dict(clean_env, PYTHONPATH=str(REPO)),
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
+    result = pytest_with_localvault(tmp_path, clean_env)
     assert result.stdout.strip().splitlines()[-1].startswith(outcome), result.stdout + result.stderr
 
 

@@ -17,13 +17,11 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 from typing import Dict, Iterator, List, NamedTuple, Optional
 
 import pytest
-from helpers import REPO
+from helpers import REPO, pytest_with_localvault
 
 from localvault import LocalVault
 
@@ -100,14 +98,7 @@ def run_as_tests(block: Block, tmp_path: Path) -> None:
     tests = len(re.findall(r"^def test_", block.code, re.M))
     (tmp_path / "test_readme_block.py").write_text(block.code, encoding="utf-8")
     env = {name: value for name, value in os.environ.items() if not name.startswith("PYTEST_")}
-    done = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "localvault.pytest_plugin", "-p", "no:cacheprovider"],
-        cwd=tmp_path,
-        env=dict(env, PYTHONPATH=str(REPO)),
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
+    done = pytest_with_localvault(tmp_path, env)
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.strip().splitlines()[-1].startswith(f"{tests} passed"), done.stdout
 
